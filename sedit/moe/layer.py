@@ -1,0 +1,35 @@
+"""Single-process expert-choice MoE feed-forward: route -> dispatch -> experts -> combine."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sedit.moe.dispatch import combine, dispatch
+from sedit.moe.experts import GroupedExperts
+from sedit.moe.routing import ExpertChoiceRouter, Routing
+
+
+class ExpertChoiceMoE(nn.Module):
+    """out_t = sum_e g_{t,e} * expert_e(x_t) over the experts e that chose token t."""
+
+    def __init__(self, dim: int, hidden: int, num_experts: int, capacity: float, gated: bool = False):
+        super().__init__()
+        self.num_experts = num_experts
+        self.capacity = capacity
+        self.router = ExpertChoiceRouter(dim, num_experts, capacity)
+        self.experts = GroupedExperts(num_experts, dim, hidden, gated)
+        self.last_routing: Routing | None = None  # kept only while statistics are requested
+        self.keep_routing = False
+
+    def run_experts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Expert compute on the expert-major layout (E, M, D); the expert-parallel layer overrides it."""
+        return self.experts(tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routing = self.router(x)  # gates/index (N, E, C)
+        if self.keep_routing:
+            self.last_routing = routing
+        tokens = dispatch(x, routing.token_index)  # (E, N*C, D)
+        out = self.run_experts(tokens)  # (E, N*C, D)
+        return combine(out, routing.gates, routing.token_index, x.shape[1])  # (N, T, D)

@@ -1,0 +1,13 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tiny_cfg():
+    from sedit.presets import PRESETS
+
+    return PRESETS["tiny"]
