@@ -42,7 +42,7 @@ class ModelConfig:
     num_experts: int = 8  # experts per MoE layer
     capacity: float = 2.0  # expert-choice capacity factor: each expert takes capacity*T/E tokens
     moe_every: int = 2  # FFNs of blocks 1, 3, 5, ... are MoE (never the last backbone block)
-    expert_gated: bool = False  # SwiGLU experts (three matrices) instead of 2-layer GELU MLPs
+    expert_gated: bool = True  # SwiGLU experts (DeepSpeed's expert kernels); False: 2-layer GELU MLPs
     in_channels: int = 4  # latent channels
     patch_size: int = 2
     base_grid: int = 16  # token grid whose position coordinates define the reference range

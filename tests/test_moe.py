@@ -20,18 +20,17 @@ def naive_expert_choice(layer: ExpertChoiceMoE, x: torch.Tensor) -> torch.Tensor
     e = layer.num_experts
     c = expert_capacity(t, e, layer.capacity)
     out = torch.zeros_like(x)
-    w_in, w_out = layer.experts.w_in, layer.experts.w_out
+    ex = layer.experts
     for i in range(n):
         probs = F.softmax(x[i] @ layer.router.weight.weight.T, dim=-1)  # (T, E)
         for j in range(e):
             top = torch.topk(probs[:, j], c).indices
-            h = x[i, top] @ w_in[j]
-            if layer.experts.gated:
-                gate, up = h.chunk(2, dim=-1)
-                h = F.silu(gate) * up
+            h = x[i, top] @ ex.w1[j].T
+            if ex.gated:
+                h = F.silu(h) * (x[i, top] @ ex.w3[j].T)
             else:
                 h = F.gelu(h, approximate="tanh")
-            out[i, top] += probs[top, j, None] * (h @ w_out[j])
+            out[i, top] += probs[top, j, None] * (h @ ex.w2[j].T)
     return out
 
 

@@ -1,4 +1,11 @@
-"""Grouped expert MLPs: all local experts run as one batched matmul over (E, M, D)."""
+"""Grouped expert MLPs: all local experts run as one batched matmul over (E, M, D).
+
+Weights use DeepSpeed's expert layout (``deepspeed.moe.ep_experts.GroupedExperts``), so the single-
+process and expert-parallel layers share parameter names and shapes:
+    w1 (E, F, D) gate,  w3 (E, F, D) up,  w2 (E, D, F) down.
+Gated (SwiGLU) experts:  y = (silu(x w1^T) * (x w3^T)) w2^T     (what DeepSpeed's expert kernels run)
+GELU experts:            y = gelu(x w1^T) w2^T                  (the reference's 2-layer MLP; single process)
+"""
 
 from __future__ import annotations
 
@@ -10,32 +17,30 @@ from torch import nn
 
 
 class GroupedExperts(nn.Module):
-    """E independent bias-free MLPs stored as stacked weights.
+    """E independent bias-free expert MLPs stored as stacked weights."""
 
-    GELU experts: y = gelu(x W_in) W_out.  Gated (SwiGLU) experts: y = (silu(x W_gate) * x W_up) W_out,
-    with W_gate and W_up stacked in ``w_in`` (E, D, 2F).
-    """
-
-    def __init__(self, num_experts: int, dim: int, hidden: int, gated: bool = False):
+    def __init__(self, num_experts: int, dim: int, hidden: int, gated: bool = True):
         super().__init__()
         self.num_experts = num_experts
         self.gated = gated
         self.hidden = hidden
-        self.w_in = nn.Parameter(torch.empty(num_experts, dim, (2 if gated else 1) * hidden))  # (E, D, F)
-        self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))  # (E, F, D)
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden, dim))  # (E, F, D)
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden))  # (E, D, F)
+        if gated:
+            self.w3 = nn.Parameter(torch.empty(num_experts, hidden, dim))  # (E, F, D)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Same scale as nn.Linear's default for each expert's matrices.
-        for w, fan_in in ((self.w_in, self.w_in.shape[1]), (self.w_out, self.w_out.shape[1])):
-            bound = 1.0 / math.sqrt(fan_in)
+        """Each expert's matrices at nn.Linear's default scale, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        for w in self.parameters():
+            bound = 1.0 / math.sqrt(w.shape[-1])
             nn.init.uniform_(w, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.bmm(x, self.w_in.to(x.dtype))  # (E, M, F) or (E, M, 2F)
+        """(E, M, D) -> (E, M, D)."""
+        h = torch.bmm(x, self.w1.to(x.dtype).transpose(1, 2))  # (E, M, F)
         if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = F.silu(h) * torch.bmm(x, self.w3.to(x.dtype).transpose(1, 2))
         else:
             h = F.gelu(h, approximate="tanh")
-        return torch.bmm(h, self.w_out.to(x.dtype))  # (E, M, D)
+        return torch.bmm(h, self.w2.to(x.dtype).transpose(1, 2))  # (E, M, D)

@@ -13,7 +13,7 @@ from sedit.moe.routing import ExpertChoiceRouter, Routing
 class ExpertChoiceMoE(nn.Module):
     """out_t = sum_e g_{t,e} * expert_e(x_t) over the experts e that chose token t."""
 
-    def __init__(self, dim: int, hidden: int, num_experts: int, capacity: float, gated: bool = False):
+    def __init__(self, dim: int, hidden: int, num_experts: int, capacity: float, gated: bool = True):
         super().__init__()
         self.num_experts = num_experts
         self.capacity = capacity

@@ -1,0 +1,132 @@
+"""Checkpoints: DeepSpeed training state (same topology) and a consolidated export (any topology).
+
+Training state: ``engine.save_checkpoint`` into ``<dir>/<tag>.tmp``, renamed to ``<dir>/<tag>`` by
+rank 0 once every rank has written, then ``<dir>/latest`` is replaced atomically. A half-written
+checkpoint therefore never carries a final name. Resuming needs the same world and expert-parallel
+size (DeepSpeed stores optimizer partitions per rank).
+
+Consolidated export: every parameter whole, in fp32, experts of each MoE layer gathered from the
+expert-parallel group in global order, under the single-process names (``...ffn.experts.w1`` is
+(E, F, D)). Written by rank 0 as ``model.safetensors`` plus ``config.yaml``; it loads into a
+single-process model and can be re-sharded for any expert-parallel size.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from safetensors.torch import load_file, save_file
+
+from sedit.config import Config, build_config, to_dict
+from sedit.model import SparseDiT, build_model
+from sedit.moe.expert_parallel import ExpertChoiceEPLayer
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training state (DeepSpeed, same topology)
+# ----------------------------------------------------------------------------------------------
+
+
+def save_training_state(engine, directory: str | Path, tag: str, client_state: dict[str, Any]) -> Path:
+    """Write a resumable checkpoint ``<directory>/<tag>`` (collective: every rank calls it)."""
+    directory = Path(directory)
+    final = directory / tag
+    engine.save_checkpoint(str(directory), tag=f"{tag}.tmp", client_state=client_state, save_latest=False)
+    if dist.is_initialized():
+        dist.barrier()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        if final.exists():
+            import shutil
+
+            shutil.rmtree(final)
+        os.replace(directory / f"{tag}.tmp", final)
+        _write_atomic(directory / "latest", tag)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def load_training_state(engine, directory: str | Path, tag: str | None = None) -> dict[str, Any]:
+    """Restore model, optimizer and scheduler state; returns the client state saved with it."""
+    directory = Path(directory)
+    tag = tag or (directory / "latest").read_text().strip()
+    path, client_state = engine.load_checkpoint(str(directory), tag=tag)
+    if path is None:
+        raise FileNotFoundError(f"{directory / tag}: no DeepSpeed checkpoint could be loaded")
+    return client_state or {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Consolidated export (any topology)
+# ----------------------------------------------------------------------------------------------
+
+
+def consolidated_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Whole fp32 parameters of a DeepSpeed-wrapped model (collective; complete on every rank).
+
+    Reads the optimizer's fp32 master weights where DeepSpeed keeps them (ZeRO 1-3), so the export
+    carries no bf16 rounding.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    expert_owner = {
+        id(p): layer
+        for layer in module.modules()
+        if isinstance(layer, ExpertChoiceEPLayer)
+        for p in layer.experts.parameters()
+    }
+    state = {}
+    for name, param in module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        full = (param if full is None else full).detach().float().contiguous()
+        layer = expert_owner.get(id(param))
+        if layer is not None and layer.ep_size > 1:
+            shards = [torch.empty_like(full) for _ in range(layer.ep_size)]
+            dist.all_gather(shards, full, group=layer.ep_group)
+            full = torch.cat(shards)  # (E, ...) in global expert order
+        state[name] = full.cpu().clone()
+    return state
+
+
+def export_consolidated(module: torch.nn.Module, cfg: Config, directory: str | Path) -> Path | None:
+    """Write ``model.safetensors`` + ``config.yaml`` of the raw network (collective; rank 0 writes)."""
+    net = module.net if hasattr(module, "net") else module
+    state = consolidated_state_dict(net)
+    directory = Path(directory)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (MODEL_FILE + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "sedit-consolidated-v1"})
+    os.replace(tmp, directory / MODEL_FILE)
+    _write_atomic(directory / CONFIG_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return directory
+
+
+def load_consolidated(directory: str | Path, device: str | torch.device = "cpu") -> tuple[SparseDiT, Config]:
+    """Single-process model and its config from an export directory."""
+    directory = Path(directory)
+    for name in (MODEL_FILE, CONFIG_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory}: missing {name} (not a sedit export directory)")
+    cfg = build_config(yaml.safe_load((directory / CONFIG_FILE).read_text()), str(directory / CONFIG_FILE))
+    net = build_model(cfg.model)
+    state = load_file(str(directory / MODEL_FILE))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory / MODEL_FILE}: missing keys {missing}, unexpected keys {unexpected}")
+    return net.to(device), cfg

@@ -1,0 +1,80 @@
+"""Rank-aware helpers that also work on one GPU or a CPU with no launcher.
+
+Launchers differ in what they set: ``deepspeed``/``torchrun`` set RANK, LOCAL_RANK and WORLD_SIZE
+(``deepspeed`` also appends ``--local_rank``); SLURM's ``srun`` sets SLURM_PROCID, SLURM_LOCALID
+and SLURM_NTASKS, which ``torch.distributed`` does not read. ``env_from_slurm`` maps the latter
+onto the former so every entry point sees one convention.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+
+def env_from_slurm(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT derived from SLURM variables, where unset."""
+    env = os.environ if environ is None else environ
+    if "SLURM_PROCID" not in env or "RANK" in env:
+        return {}
+    out = {
+        "RANK": env["SLURM_PROCID"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "WORLD_SIZE": env.get("SLURM_NTASKS", "1"),
+    }
+    if "MASTER_ADDR" not in env and "SLURM_JOB_NODELIST" in env:
+        hosts = subprocess.run(
+            ["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True, text=True, check=True
+        ).stdout.split()
+        out["MASTER_ADDR"] = hosts[0]
+    if "MASTER_PORT" not in env:
+        out["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return out
+
+
+def apply_launcher_env(local_rank_arg: int | None = None) -> None:
+    """Bring SLURM variables and a ``--local_rank`` argument into the RANK/LOCAL_RANK convention."""
+    os.environ.update(env_from_slurm())
+    if local_rank_arg is not None and local_rank_arg >= 0 and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(local_rank_arg)
+
+
+def world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """Print on rank 0 only, flushed (SLURM logs stay readable)."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def device() -> torch.device:
+    """This rank's device: its GPU under a launcher, else the CPU."""
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
