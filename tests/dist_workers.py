@@ -209,15 +209,53 @@ def engine_training(rank: int, world: int, ds_name: str, out: Path) -> None:
     )
 
 
+def _reference_gradients(full, cfg, world: int):
+    """Gradients of the mean over ranks of each rank's loss, computed by one process on the full model."""
+    from sedit.edm import EDMLoss, EDMPrecond
+
+    precond = EDMPrecond(full, cfg.diffusion.sigma_data)
+    loss_fn = EDMLoss(cfg.diffusion.p_mean, cfg.diffusion.p_std, cfg.diffusion.sigma_data, cfg.model.patch_size)
+    total = 0.0
+    for r in range(world):
+        latents, captions = fixed_batch(r, cfg.stage.micro_batch, cfg)
+        total = total + loss_fn(precond, latents, captions, cfg.stage.mask_ratio, torch.Generator().manual_seed(7 + r))
+    (total / world).backward()
+    return {name: p.grad for name, p in precond.named_parameters()}
+
+
 def engine_export(rank: int, world: int, ds_name: str, out: Path) -> None:
-    """fp32 engine at ep=2: one step, then export; record this rank's forward output and inputs."""
+    """fp32 engine at ep=2: gradients and grad norm against one process, one step, then export;
+    record this rank's forward output and inputs."""
+    from deepspeed.utils import safe_get_full_grad
+
     from sedit.checkpoint import export_consolidated
     from sedit.masking import random_keep_indices
+    from sedit.moe.expert_parallel import ExpertChoiceEPLayer
 
     cfg = tiny_config(world=world)
-    engine, _ = _engine(cfg, ds_name, bf16=False)
+    engine, full = _engine(cfg, ds_name, bf16=False)
+    reference = _reference_gradients(full, cfg, world)
+    expert_params = {
+        id(p): layer.local_expert_range
+        for layer in engine.module.modules()
+        if isinstance(layer, ExpertChoiceEPLayer)
+        for p in layer.experts.parameters()
+    }
     latents, captions = fixed_batch(rank, cfg.stage.micro_batch, cfg)
-    _train_steps(engine, cfg, latents, captions, 1)  # export trained, not initial, weights
+    from sedit.edm import EDMLoss
+
+    loss_fn = EDMLoss(cfg.diffusion.p_mean, cfg.diffusion.p_std, cfg.diffusion.sigma_data, cfg.model.patch_size)
+    loss = loss_fn(engine, latents, captions, cfg.stage.mask_ratio, torch.Generator().manual_seed(7 + rank))
+    engine.backward(loss)
+    worst = 0.0
+    for name, param in engine.module.named_parameters():
+        grad = safe_get_full_grad(param)
+        ref = reference[name]
+        if id(param) in expert_params:
+            ref = ref[expert_params[id(param)].start : expert_params[id(param)].stop]
+        worst = max(worst, ((grad - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item())
+    engine.step()  # export trained, not initial, weights
+    reference_norm = torch.sqrt(sum(g.square().sum() for g in reference.values())).item()
     export_consolidated(engine.module, cfg, out / "export")
     sigma = torch.tensor([0.5, 3.0])
     keep = random_keep_indices(2, 16, 0.75, torch.Generator().manual_seed(rank))
@@ -226,4 +264,8 @@ def engine_export(rank: int, world: int, ds_name: str, out: Path) -> None:
         y = engine(latents, sigma, captions, keep)
     record = {"latents": latents, "captions": captions, "sigma": sigma, "keep": keep, "out": y}
     torch.save(record, out / f"fwd{rank}.pt")
-    _write(out, rank, {"done": True})
+    _write(
+        out,
+        rank,
+        {"grad_rel_err": worst, "grad_norm": float(engine.get_global_grad_norm()), "ref_norm": reference_norm},
+    )
