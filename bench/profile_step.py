@@ -1,0 +1,48 @@
+"""Where a training step's GPU time goes: torch.profiler over a few steps, top kernels by CUDA time.
+
+    python bench/profile_step.py --preset XL --stage 1 [--compile] [--rows 30] [--trace out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train_step import make_step, stage_config  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="XL")
+    parser.add_argument("--stage", type=int, default=1)
+    parser.add_argument("--micro-batch", type=int, default=None)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--trace", default=None, help="write a Chrome trace here")
+    args = parser.parse_args()
+    args.ds, args.ep = None, None
+    device = torch.device("cuda")
+    cfg = stage_config(args.preset, args.stage, args.micro_batch, 1)
+    step, setup = make_step(cfg, args, device)
+    for _ in range(4):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(f"# {setup}, stage {args.stage}, 3 steps")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+
+
+if __name__ == "__main__":
+    main()
