@@ -22,6 +22,20 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]  # (N, T, D)
 
 
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm in the input's precision (statistics are accumulated in fp32 by the kernel).
+
+    Under bf16 autocast ``F.layer_norm`` would upcast to fp32 and back around every norm; with 243
+    norms per XL step those casts cost as much GPU time as the matmuls (docs/benchmarks.md).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
 # ----------------------------------------------------------------------------------------------
 # Position and noise-level embeddings
 # ----------------------------------------------------------------------------------------------
@@ -95,8 +109,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.qkv = nn.Linear(dim, 3 * attn_dim, bias=False)
-        self.q_norm = nn.LayerNorm(head_dim, eps=eps, bias=False)
-        self.k_norm = nn.LayerNorm(head_dim, eps=eps, bias=False)
+        self.q_norm = LayerNorm(head_dim, eps=eps, bias=False)
+        self.k_norm = LayerNorm(head_dim, eps=eps, bias=False)
         self.proj = nn.Linear(attn_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,8 +130,8 @@ class CrossAttention(nn.Module):
         self.head_dim = head_dim
         self.q = nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(kv_dim, 2 * dim, bias=False)
-        self.q_norm = nn.LayerNorm(head_dim, eps=eps, bias=False)
-        self.k_norm = nn.LayerNorm(head_dim, eps=eps, bias=False)
+        self.q_norm = LayerNorm(head_dim, eps=eps, bias=False)
+        self.k_norm = LayerNorm(head_dim, eps=eps, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -157,9 +171,9 @@ class CaptionEncoder(nn.Module):
         self.project = nn.Sequential(
             nn.Linear(caption_dim, dim, bias=False), nn.GELU(approximate="tanh"), nn.Linear(dim, dim, bias=False)
         )
-        self.norm1 = nn.LayerNorm(dim, eps=eps, bias=False)
+        self.norm1 = LayerNorm(dim, eps=eps, bias=False)
         self.attn = SelfAttention(dim, dim, head_dim, eps)
-        self.norm2 = nn.LayerNorm(dim, eps=eps, bias=False)
+        self.norm2 = LayerNorm(dim, eps=eps, bias=False)
         self.ffn = SwiGLU(dim, 4 * dim)
 
     def forward(self, captions: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from sedit.config import ModelConfig
 from sedit.layers import (
     CaptionEncoder,
     CrossAttention,
+    LayerNorm,
     NoiseLevelEmbedder,
     SelfAttention,
     SwiGLU,
@@ -56,11 +57,11 @@ class Block(nn.Module):
     def __init__(self, shape: BlockShape, cond_dim: int, kv_dim: int, cfg: ModelConfig):
         super().__init__()
         dim, eps = shape.dim, cfg.norm_eps
-        self.norm_attn = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.norm_attn = LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.attn = SelfAttention(dim, shape.attn_dim, cfg.head_dim, eps)
-        self.norm_cross = nn.LayerNorm(dim, eps=eps, bias=False)
+        self.norm_cross = LayerNorm(dim, eps=eps, bias=False)
         self.cross = CrossAttention(dim, kv_dim, cfg.head_dim, eps)
-        self.norm_ffn = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.norm_ffn = LayerNorm(dim, eps=eps, elementwise_affine=False)
         if shape.moe:
             self.ffn = ExpertChoiceMoE(dim, shape.ffn_hidden, cfg.num_experts, cfg.capacity, cfg.expert_gated)
         else:
@@ -79,7 +80,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, dim: int, cond_dim: int, out_dim: int, eps: float):
         super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.norm = LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
         self.linear = nn.Linear(dim, out_dim)
 

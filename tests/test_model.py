@@ -124,3 +124,16 @@ def test_model_switches_resolution_without_new_state(tiny_cfg):
     net(torch.randn(1, 4, 16, 16), torch.zeros(1), caps)
     assert net.pos_embed.shape == (64, tiny_cfg.mixer_width)
     assert set(net.state_dict()) == keys
+
+
+def test_layer_norm_stays_in_bf16_under_autocast():
+    from sedit.layers import LayerNorm
+
+    norm = LayerNorm(32, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(4, 32).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16
+    ref = torch.nn.functional.layer_norm(x.float(), (32,), norm.weight, norm.bias, 1e-6)
+    torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=2e-2)
