@@ -26,9 +26,15 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--trace", default=None, help="write a Chrome trace here")
+    parser.add_argument("--ds", default=None, help="DeepSpeed config (run under the deepspeed launcher)")
+    parser.add_argument("--ep", type=int, default=None)
+    parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
-    args.ds, args.ep = None, None
     device = torch.device("cuda")
+    if args.ds:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl")
     cfg = stage_config(args.preset, args.stage, args.micro_batch, 1)
     step, setup = make_step(cfg, args, device)
     for _ in range(4):
@@ -38,6 +44,8 @@ def main() -> None:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
     print(f"# {setup}, stage {args.stage}, 3 steps")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     if args.trace:

@@ -92,9 +92,13 @@ class NoiseLevelEmbedder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, head_dim: int, norm: nn.Module | None = None) -> torch.Tensor:
+    """(N, T, H*K) -> (N, H, T, K), optionally normalising each head's K values first (QK-norm)."""
     n, t, d = x.shape
-    return x.view(n, t, d // head_dim, head_dim).transpose(1, 2)  # (N, H, T, K)
+    x = x.view(n, t, d // head_dim, head_dim)  # (N, T, H, K)
+    if norm is not None:
+        x = norm(x)
+    return x.transpose(1, 2)  # (N, H, T, K)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
@@ -115,8 +119,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # (N, T, A) each
-        q = self.q_norm(split_heads(q, self.head_dim))  # (N, H, T, K)
-        k = self.k_norm(split_heads(k, self.head_dim))
+        q = split_heads(q, self.head_dim, self.q_norm)  # (N, H, T, K)
+        k = split_heads(k, self.head_dim, self.k_norm)
         v = split_heads(v, self.head_dim)
         out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, K)
         return self.proj(merge_heads(out))  # (N, T, D)
@@ -135,9 +139,9 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        q = self.q_norm(split_heads(self.q(x), self.head_dim))  # (N, H, T, K)
+        q = split_heads(self.q(x), self.head_dim, self.q_norm)  # (N, H, T, K)
         k, v = self.kv(context).chunk(2, dim=-1)  # (N, L, D) each
-        k = self.k_norm(split_heads(k, self.head_dim))  # (N, H, L, K)
+        k = split_heads(k, self.head_dim, self.k_norm)  # (N, H, L, K)
         v = split_heads(v, self.head_dim)
         out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, K)
         return self.proj(merge_heads(out))
