@@ -1,6 +1,6 @@
 """Where a training step's GPU time goes: torch.profiler over a few steps, top kernels by CUDA time.
 
-    python bench/profile_step.py --preset XL --stage 1 [--compile] [--rows 30] [--trace out.json]
+python bench/profile_step.py --preset XL --stage 1 [--compile] [--rows 30] [--trace out.json]
 """
 
 from __future__ import annotations

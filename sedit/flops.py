@@ -38,16 +38,17 @@ def _block_flops(
 def forward_flops_per_image(cfg: ModelConfig, latent_side: int, mask_ratio: float, attention: bool = True) -> float:
     """``attention=False`` leaves out the score and weighted-sum products (for comparing with counters
     that do not see fused attention kernels)."""
-    p, d, l = cfg.patch_size, cfg.width, cfg.caption_len
+    p, d, cap = cfg.patch_size, cfg.width, cfg.caption_len
     tokens = (latent_side // p) ** 2
     kept = kept_count(tokens, mask_ratio) if mask_ratio > 0 else tokens
     flops = 2 * tokens * p * p * cfg.in_channels * cfg.mixer_width  # patch embedding
     # caption encoder: projection MLP, one attention block, SwiGLU 4x; pooled-caption and noise MLPs
-    flops += 2 * l * (cfg.caption_dim * d + d * d) + 2 * l * 4 * d * d + attention * 2 * 2 * l * l * d + 2 * l * d * 4 * d * 3
+    flops += 2 * cap * (cfg.caption_dim * d + d * d) + 2 * cap * 4 * d * d  # projection MLP, attention maps
+    flops += attention * 2 * 2 * cap * cap * d + 2 * cap * d * 4 * d * 3  # attention products, SwiGLU
     flops += 2 * (cfg.caption_dim * d + d * d) + 2 * (cfg.freq_dim * d + d * d)
-    flops += sum(_block_flops(s, tokens, l, d, cfg, attention) for s in mixer_shapes(cfg))
+    flops += sum(_block_flops(s, tokens, cap, d, cfg, attention) for s in mixer_shapes(cfg))
     flops += 2 * tokens * cfg.mixer_width * d  # mixer -> backbone projection
-    flops += sum(_block_flops(s, kept, l, d, cfg, attention) for s in backbone_shapes(cfg))
+    flops += sum(_block_flops(s, kept, cap, d, cfg, attention) for s in backbone_shapes(cfg))
     flops += 2 * d * 2 * d + 2 * tokens * d * p * p * cfg.in_channels  # final layer
     return float(flops)
 
