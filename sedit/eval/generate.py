@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from sedit.checkpoint import load_consolidated
+from sedit.edm import EDMPrecond
 from sedit.eval.captions import read_captions
-from sedit.eval.export import load_export
 from sedit.eval.files import atomic_write_bytes, dist_env, local_rank, write_json
 from sedit.eval.weights import MissingWeightsError
 from sedit.images import to_uint8
@@ -103,7 +104,8 @@ def generate(args: argparse.Namespace) -> dict:
         "Give a local OpenCLIP directory (open_clip_config.json + weights) or ARCH:/path/to/weights",
         args.allow_download,
     )
-    precond, cfg = load_export(args.checkpoint, device)
+    net, cfg = load_consolidated(args.checkpoint, device)
+    precond = EDMPrecond(net, cfg.diffusion.sigma_data).eval().requires_grad_(False)
     vae = load_vae(vae_name, device=device)
     text = load_text_encoder(text_name, device=device)
     if text.width != cfg.model.caption_dim:
