@@ -4,6 +4,9 @@ Run directory layout (``--out``):
     config.yaml        resolved run config          ds_config.json   resolved DeepSpeed config
     metrics.jsonl      one line per logged step     checkpoints/     DeepSpeed state, ``latest`` pointer
     final/             consolidated export (model.safetensors + config.yaml), loadable at any topology
+
+``stage.init_from`` (a previous stage's ``final/``) gives a fresh run its starting weights; a resumed
+run takes everything from its checkpoint.
 """
 
 from __future__ import annotations
@@ -36,8 +39,23 @@ def resolve(args: Namespace) -> tuple[Config, dict, Path]:
         raise ConfigError(
             f"{args.config}: stage.data: {cfg.stage.data!r}: only 'synthetic' is wired into launch/stage.py so far"
         )
+    if cfg.stage.init_from:
+        check_init_from(cfg, args.config)
     out = Path(args.out or Path("runs") / cfg.stage.name)
     return cfg, ds, out
+
+
+def check_init_from(cfg: Config, source: str) -> None:
+    """``stage.init_from`` must be a consolidated export of a model with this run's shape."""
+    from sedit.checkpoint import export_config
+
+    try:
+        init = export_config(cfg.stage.init_from)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{source}: stage.init_from: {err}; point it at the previous stage's final/") from None
+    if init.model != cfg.model:
+        differ = [k for k, v in vars(cfg.model).items() if getattr(init.model, k) != v]
+        raise ConfigError(f"{source}: stage.init_from: {cfg.stage.init_from} has a different model ({differ})")
 
 
 def batches(cfg: Config, device: torch.device):
@@ -64,10 +82,17 @@ def run_stage(args: Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (out / "ds_config.json").write_text(json.dumps(ds, indent=2))
-    engine, _ = build_engine(cfg, ds)
     ckpt_dir = out / "checkpoints"
+    resuming = args.resume == "auto" and (ckpt_dir / "latest").is_file()
+    net = None
+    if cfg.stage.init_from and not resuming:
+        from sedit.checkpoint import load_consolidated
+
+        net, _ = load_consolidated(cfg.stage.init_from)
+        distributed.print0(f"initialised from {cfg.stage.init_from}")
+    engine, _ = build_engine(cfg, ds, net)
     start = 0
-    if args.resume == "auto" and (ckpt_dir / "latest").is_file():
+    if resuming:
         from sedit.checkpoint import load_training_state
 
         start = int(load_training_state(engine, ckpt_dir).get("step", 0))
