@@ -117,13 +117,19 @@ def export_consolidated(module: torch.nn.Module, cfg: Config, directory: str | P
     return directory
 
 
-def load_consolidated(directory: str | Path, device: str | torch.device = "cpu") -> tuple[SparseDiT, Config]:
-    """Single-process model and its config from an export directory."""
+def export_config(directory: str | Path) -> Config:
+    """The run config saved with an export directory (checks that its weights file is there too)."""
     directory = Path(directory)
     for name in (MODEL_FILE, CONFIG_FILE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory}: missing {name} (not a sedit export directory)")
-    cfg = build_config(yaml.safe_load((directory / CONFIG_FILE).read_text()), str(directory / CONFIG_FILE))
+    return build_config(yaml.safe_load((directory / CONFIG_FILE).read_text()), str(directory / CONFIG_FILE))
+
+
+def load_consolidated(directory: str | Path, device: str | torch.device = "cpu") -> tuple[SparseDiT, Config]:
+    """Single-process model and its config from an export directory."""
+    directory = Path(directory)
+    cfg = export_config(directory)
     net = build_model(cfg.model)
     state = load_file(str(directory / MODEL_FILE))
     missing, unexpected = net.load_state_dict(state, strict=False)

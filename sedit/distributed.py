@@ -9,6 +9,7 @@ onto the former so every entry point sees one convention.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 
 import torch
@@ -40,6 +41,17 @@ def apply_launcher_env(local_rank_arg: int | None = None) -> None:
     os.environ.update(env_from_slurm())
     if local_rank_arg is not None and local_rank_arg >= 0 and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(local_rank_arg)
+
+
+def describe_ranks() -> list[dict[str, str]]:
+    """Every rank's view of the launch (rank, world size, master, node), gathered (collective)."""
+    view = {k: os.environ.get(k, "") for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    view["node"] = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [view]
+    views: list = [None] * dist.get_world_size()
+    dist.all_gather_object(views, view)
+    return views
 
 
 def world_size() -> int:

@@ -269,3 +269,21 @@ def engine_export(rank: int, world: int, ds_name: str, out: Path) -> None:
         rank,
         {"grad_rel_err": worst, "grad_norm": float(engine.get_global_grad_norm()), "ref_norm": reference_norm},
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Preemption: every rank agrees to stop when any rank received the signal
+# ----------------------------------------------------------------------------------------------
+
+
+def stop_agreement(rank: int, world: int, out: Path) -> None:
+    import signal
+
+    from sedit.preemption import StopRequest
+
+    with StopRequest() as stop:
+        before = stop.agreed()
+        if rank == 1:
+            signal.raise_signal(signal.SIGUSR1)
+        after = stop.agreed()
+    _write(out, rank, {"before": before, "after": after, "received": stop.received})

@@ -7,7 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from dist_workers import free_port
+
+from helpers import perturb_zero_init
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
@@ -67,3 +70,28 @@ def test_dry_run_prints_resolved_configs():
     assert run.returncode == 0, run.stderr
     assert '"gradient_accumulation_steps": 1' in run.stdout and '"autoep_size": 2' in run.stdout
     assert "name: tiny-smoke" in run.stdout
+
+
+def test_init_from_starts_the_stage_from_an_exported_model(tmp_path):
+    from safetensors.torch import load_file
+
+    from sedit.checkpoint import MODEL_FILE, export_consolidated
+    from sedit.config import load_config
+    from sedit.model import build_model
+
+    cfg = load_config(ROOT / "configs" / "tiny" / "smoke.yaml")
+    torch.manual_seed(123)  # weights unlike the stage's own seed-0 initialisation
+    net = build_model(cfg.model)
+    perturb_zero_init(net)
+    export_consolidated(net, cfg, tmp_path / "previous")
+
+    run = launch(tmp_path / "run", "--ep", "1", "--set", f"stage.init_from={tmp_path / 'previous'}",
+                 "--set", "stage.steps=0", procs=1)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"initialised from {tmp_path / 'previous'}" in run.stdout
+    start, end = load_file(tmp_path / "previous" / MODEL_FILE), load_file(tmp_path / "run" / "final" / MODEL_FILE)
+    # bf16 training: DeepSpeed casts the module to bf16 and keeps fp32 master weights of those values
+    assert start.keys() == end.keys() and all(torch.equal(start[k].bfloat16().float(), end[k]) for k in start)
+
+    run, _ = refused("--ds", str(ROOT / "ds_configs/zero3.json"), "--set", f"stage.init_from={tmp_path}/none")
+    assert run.returncode == 2 and "stage.init_from:" in run.stderr and "missing model.safetensors" in run.stderr
