@@ -41,6 +41,8 @@ def resolve(args: Namespace) -> tuple[Config, dict, Path]:
         raise ConfigError(
             f"{args.config}: stage.data: {cfg.stage.data!r}: only 'synthetic' is wired into launch/stage.py so far"
         )
+    if cfg.stage.ema_decay > 0:
+        raise ConfigError(f"{args.config}: stage.ema_decay: EMA is not implemented in launch/stage.py yet; set it to 0")
     if cfg.stage.init_from:
         check_init_from(cfg, args.config)
     out = Path(args.out or Path("runs") / cfg.stage.name)
