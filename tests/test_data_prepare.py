@@ -182,7 +182,7 @@ def test_cli_coco_with_limit(tmp_path, encoders):
     assert manifest["vae"]["name"] == encoders[0] and manifest["text_encoder"]["name"] == encoders[1]
 
 
-@pytest.mark.parametrize("module", ["prepare"])
+@pytest.mark.parametrize("module", ["prepare", "builtin", "vae_train"])
 def test_entry_points_explain_their_flags(module):
     out = subprocess.run([sys.executable, "-m", f"sedit.data.{module}", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--out" in out.stdout
