@@ -134,3 +134,17 @@ def test_epoch_shards_partition_and_buffer_never_emits_unread_samples():
     assert sorted(order.tolist()) == list(range(100))
     assert (order < np.arange(100) + 8).all()  # emitted at most buffer-1 reads after being read
     assert (buffer_shuffle(10, 1, rng) == np.arange(10)).all()
+
+
+def test_rank_and_world_come_from_arguments_then_environment(monkeypatch):
+    from sedit.data.topology import rank_and_world
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert rank_and_world() == (0, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert rank_and_world() == (3, 4)
+    assert rank_and_world(rank=1) == (1, 4)
+    with pytest.raises(ValueError, match="rank 5 is not in a world of size 4"):
+        rank_and_world(rank=5)

@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     src.add_argument("--coco-captions", choices=["all", "first"], default="all", help="a sample per caption / image")
     parser.add_argument("--out", required=True, help="output folder (rerun with the same settings to resume)")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[256, 512], help="square crop sizes in pixels")
-    parser.add_argument("--vae", default=DEFAULT_VAE, help="AutoencoderKL: hub id or local folder")
+    parser.add_argument("--vae", default=DEFAULT_VAE, help="AutoencoderKL: local folder, hub id or hub id/subfolder")
     parser.add_argument("--text-encoder", default=DEFAULT_TEXT_ENCODER, help="OpenCLIP: hf-hub:ID, folder or ARCH:FILE")
     parser.add_argument("--shard-size", type=int, default=1000, help="inputs per shard")
     parser.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
