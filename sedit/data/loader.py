@@ -296,8 +296,9 @@ class LatentLoader:
     Each batch is a dict: ``latents`` (N, C, H, W), ``captions`` (N, L, W) text tokens, ``pooled``
     (N, E), all ``dtype``; ``dropped`` (N,) bool, True where caption dropout zeroed both caption
     tensors (probability ``caption_dropout``, the unconditional input of classifier-free guidance);
-    ``keys`` and ``texts``, lists of sample keys and captions. See the module docstring for the order
-    and for what ``state_dict`` / ``load_state_dict`` guarantee.
+    ``keys`` and ``texts``, lists of sample keys and captions. Each ``iter(loader)`` starts where the
+    batches returned so far leave off. See the module docstring for the order and for what
+    ``state_dict`` / ``load_state_dict`` guarantee.
     """
 
     def __init__(
