@@ -15,7 +15,7 @@ from sedit.data.shards import read_manifest
 __all__ = ["LatentLoader", "list_shards", "read_manifest", "load_vae", "load_text_encoder"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name in ("load_vae", "load_text_encoder"):
         from sedit.data import encoders
 

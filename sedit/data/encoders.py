@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import open_clip
@@ -146,7 +146,7 @@ def tiny_vae_model(block_out_channels: Sequence[int] = (8, 16, 16), scaling_fact
 class TextEncoder:
     """OpenCLIP text tower: captions -> (per-token features (N, L, W), pooled feature (N, E))."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, name: str):
+    def __init__(self, model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], name: str):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name

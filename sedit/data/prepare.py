@@ -54,10 +54,6 @@ class Skipped:
     detail: str
 
 
-def is_skip(result: Loaded | Skipped) -> bool:
-    return isinstance(result, Skipped)
-
-
 def load_input(item: InputItem, resolutions: Sequence[int]) -> Loaded | Skipped:
     """Read and check one input (caption first: it is cheaper than decoding the image)."""
     try:
@@ -73,11 +69,13 @@ def latent_seed(seed: int, key: str, resolution: int) -> int:
     return zlib.crc32(f"{seed}/{key}/{resolution}".encode())
 
 
-def _batches(items: Sequence[InputItem], resolutions, batch_size: int, pool: ThreadPoolExecutor) -> Iterator[list]:
+def _batches(
+    items: Sequence[InputItem], resolutions: Sequence[int], batch_size: int, pool: ThreadPoolExecutor
+) -> Iterator[list[Loaded | Skipped]]:
     """Loaded batches in input order; the next batch is read by the pool while this one is encoded."""
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
-    def submit(chunk) -> list[Future]:
+    def submit(chunk: Sequence[InputItem]) -> list[Future]:
         return [pool.submit(load_input, item, resolutions) for item in chunk]
 
     ahead = submit(chunks[0]) if chunks else []
@@ -111,6 +109,38 @@ def encoders_info(vae: VAE, text: TextEncoder, resolutions: Sequence[int]) -> di
     }
 
 
+def encode_batch(
+    good: Sequence[Loaded], vae: VAE, text: TextEncoder, resolutions: Sequence[int], seed: int
+) -> list[dict]:
+    """Shard samples (tar member name -> bytes) for a batch of checked inputs."""
+
+    def half(x: torch.Tensor) -> np.ndarray:
+        return x.to(torch.float16).cpu().numpy()
+
+    tokens, pooled = text.encode([r.caption for r in good])  # (B, L, W), (B, E)
+    tokens, pooled = half(tokens), half(pooled)
+    latents = {}
+    for res in resolutions:
+        pixels = to_tensor([r.crops[res] for r in good])  # (B, 3, res, res)
+        seeds = [latent_seed(seed, r.item.key, res) for r in good]
+        latents[res] = half(vae.encode(pixels, seeds=seeds))  # (B, C, res/f, res/f)
+    samples = []
+    for j, r in enumerate(good):
+        meta = {"key": r.item.key, "caption": r.caption, "origin": r.item.origin}
+        meta |= {"width": r.size[0], "height": r.size[1]}
+        sample = {
+            "__key__": r.item.key,
+            "txt": r.caption,
+            "json": json.dumps(meta, ensure_ascii=False).encode(),
+            shards.TOKENS_FIELD: shards.npy_bytes(tokens[j]),
+            shards.POOLED_FIELD: shards.npy_bytes(pooled[j]),
+        }
+        for res in resolutions:
+            sample[shards.latent_field(res)] = shards.npy_bytes(latents[res][j])
+        samples.append(sample)
+    return samples
+
+
 def encode_shard(
     index: int,
     items: Sequence[InputItem],
@@ -129,35 +159,14 @@ def encode_shard(
     skipped, written = [], 0
     with wds.TarWriter(str(tmp), mtime=0) as writer:
         for batch in _batches(items, resolutions, batch_size, pool):
-            good = [r for r in batch if isinstance(r, Loaded)]
-            skipped += [{"key": s.item.key, "reason": s.reason, "detail": s.detail} for s in batch if is_skip(s)]
             bar.update(len(batch))
-            if not good:
-                continue
-            tokens, pooled = text.encode([r.caption for r in good])  # (B, L, W), (B, E)
-            latents = {
-                res: vae.encode(
-                    to_tensor([r.crops[res] for r in good]), seeds=[latent_seed(seed, r.item.key, res) for r in good]
-                )  # (B, C, res/f, res/f)
-                for res in resolutions
-            }
-            tokens = tokens.to(torch.float16).cpu().numpy()
-            pooled = pooled.to(torch.float16).cpu().numpy()
-            latents = {res: z.to(torch.float16).cpu().numpy() for res, z in latents.items()}
-            for j, r in enumerate(good):
-                meta = {"key": r.item.key, "caption": r.caption, "origin": r.item.origin, "width": r.size[0]}
-                meta["height"] = r.size[1]
-                sample = {
-                    "__key__": r.item.key,
-                    "txt": r.caption,
-                    "json": json.dumps(meta, ensure_ascii=False).encode(),
-                    shards.TOKENS_FIELD: shards.npy_bytes(tokens[j]),
-                    shards.POOLED_FIELD: shards.npy_bytes(pooled[j]),
-                }
-                for res in resolutions:
-                    sample[shards.latent_field(res)] = shards.npy_bytes(latents[res][j])
-                writer.write(sample)
-                written += 1
+            bad = [r for r in batch if isinstance(r, Skipped)]
+            skipped += [{"key": r.item.key, "reason": r.reason, "detail": r.detail} for r in bad]
+            good = [r for r in batch if isinstance(r, Loaded)]
+            if good:
+                for sample in encode_batch(good, vae, text, resolutions, seed):
+                    writer.write(sample)
+                written += len(good)
     tmp.replace(final)
     return {
         "shard": final.name,

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
 
 from sedit.data.encoders import tiny_vae_model
 from sedit.data.images import BadInput, square_crops, to_tensor
@@ -44,7 +45,7 @@ def load_pixels(image_dir: str | Path, resolution: int, limit: int | None = None
 
 
 @torch.no_grad()
-def psnr(model, x: torch.Tensor, generator: torch.Generator) -> float:
+def psnr(model: AutoencoderKL, x: torch.Tensor, generator: torch.Generator) -> float:
     """Reconstruction PSNR in dB (peak-to-peak 2 for pixels in [-1, 1]), latents sampled."""
     rec = model.decode(model.encode(x).latent_dist.sample(generator)).sample.clamp(-1, 1)
     return float(10 * torch.log10(4 / ((rec - x) ** 2).mean()))
