@@ -8,7 +8,7 @@ on random batches, loss = MSE(decode(z), x) + ``kl_weight`` * KL, z sampled from
 steps take about 1.5 minutes on two CPU cores. Being convolutional it also encodes the 64 px crops.
 Afterwards ``scaling_factor`` is set to 1 / std of sampled latents over the whole set (unit-variance
 latents, as diffusers' VAEs intend) and the model is saved with ``save_pretrained``, next to
-``train_report.json`` (steps, seconds, loss, reconstruction PSNR per resolution on the first 128
+``train_report.json`` (steps, seconds, loss, reconstruction PSNR per resolution on the first 64
 images) and ``reconstruction.png`` (16 inputs above their reconstructions).
 """
 
@@ -94,7 +94,7 @@ def train_tiny_vae(
         "loss_last": sum(losses[-20:]) / len(losses[-20:]) if losses else None,
         "latent_std": float(z.std()),
         "scaling_factor": float(1 / z.std()),
-        "psnr_db": {str(r): round(psnr(model, load_pixels(image_dir, r, 128), gen), 2) for r in eval_resolutions},
+        "psnr_db": {str(r): round(psnr(model, load_pixels(image_dir, r, 64), gen), 2) for r in eval_resolutions},
     }
     out = Path(out)
     model.save_pretrained(str(out))
