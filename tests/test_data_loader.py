@@ -148,3 +148,12 @@ def test_rank_and_world_come_from_arguments_then_environment(monkeypatch):
     assert rank_and_world(rank=1) == (1, 4)
     with pytest.raises(ValueError, match="rank 5 is not in a world of size 4"):
         rank_and_world(rank=5)
+
+
+def test_reader_whose_shards_all_fail_raises_instead_of_spinning(data, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    for shard in broken.glob("shard-*.tar"):
+        shard.write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="no shard of epoch 0 could be read"):
+        next(iter(LatentLoader(broken, 32, 4, num_workers=0)))

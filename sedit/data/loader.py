@@ -27,7 +27,8 @@ in turn delivers first. To continue, a reader re-reads from the earliest shard t
 undelivered sample (at most the shards its shuffle buffer spanned) and drops samples delivered before.
 
 Failures. A shard that cannot be opened or fails mid-read is logged and counted (``loader.skipped``);
-the samples it could not deliver are skipped and counted as missing, and the stream goes on.
+the samples it could not deliver are skipped and counted as missing, and the stream goes on (a
+worker that cannot read one sample in a whole epoch raises rather than spin through empty epochs).
 """
 
 from __future__ import annotations
@@ -196,9 +197,13 @@ class LatentStream(IterableDataset):
             counts = np.array([self.shards[i].samples for i in chosen])
             rng = np.random.default_rng(mix_seed(self.seed, epoch, reader, 2))
             order = buffer_shuffle(int(counts.sum()), self.shuffle_buffer, rng)  # (M,) read indices
+            delivered = 0
             if start < len(order):
                 for k, sample in self._emit([self.shards[i] for i in chosen], counts, order, start):
+                    delivered += 1
                     yield (epoch, k + 1), sample
+            if start == 0 and len(order) and not delivered:  # an endless stream would spin forever
+                raise RuntimeError(f"reader {reader}: no shard of epoch {epoch} could be read (see warnings)")
             epoch, start = epoch + 1, 0
 
     def _emit(self, chosen: list[Shard], counts: np.ndarray, order: np.ndarray, start: int) -> Iterator:
