@@ -66,3 +66,19 @@ def test_text_encoder_accepts_local_dir_schema(encoders):
 def test_text_encoder_refuses_unknown_name():
     with pytest.raises(ValueError, match="expected a local directory"):
         load_text_encoder("no-such-model")
+
+
+def test_vae_hub_names_may_name_a_subfolder(monkeypatch):
+    from sedit.data import encoders
+
+    calls = []
+
+    def fake_from_pretrained(repo, subfolder=None, **kw):
+        calls.append((repo, subfolder))
+        raise OSError("offline")
+
+    monkeypatch.setattr(encoders.AutoencoderKL, "from_pretrained", fake_from_pretrained)
+    for name in (encoders.DEFAULT_VAE, "stabilityai/sdxl-vae"):
+        with pytest.raises(OSError):
+            load_vae(name)
+    assert calls == [("stabilityai/stable-diffusion-xl-base-1.0", "vae"), ("stabilityai/sdxl-vae", None)]

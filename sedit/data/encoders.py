@@ -2,7 +2,8 @@
 
 Both load from a model-hub name or from a local directory, with no network needed for local ones:
 
-- ``load_vae("stabilityai/sdxl-vae")`` or ``load_vae("/path/to/dir")``: any ``diffusers`` AutoencoderKL
+- ``load_vae("stabilityai/stable-diffusion-xl-base-1.0/vae")`` (hub repository + subfolder),
+  ``load_vae("stabilityai/sdxl-vae")`` or ``load_vae("/path/to/dir")``: any ``diffusers`` AutoencoderKL
   directory (``config.json`` + weights, as written by ``save_pretrained``).
 - ``load_text_encoder("hf-hub:apple/DFN5B-CLIP-ViT-H-14-378")``, ``load_text_encoder("/path/to/dir")``
   (a directory with ``open_clip_config.json`` + ``open_clip_model.safetensors``, the layout of OpenCLIP
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import open_clip
@@ -30,7 +31,7 @@ from safetensors.torch import save_file
 
 from sedit.sampling import seeded_noise
 
-DEFAULT_VAE = "stabilityai/sdxl-vae"
+DEFAULT_VAE = "stabilityai/stable-diffusion-xl-base-1.0/vae"
 DEFAULT_TEXT_ENCODER = "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"
 
 # ----------------------------------------------------------------------------------------------
@@ -92,12 +93,17 @@ class VAE:
 
 
 def load_vae(name_or_path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> VAE:
-    """Load an AutoencoderKL from a local directory or a model-hub id (the SDXL VAE by default).
-
-    The SDXL VAE overflows in float16; keep ``dtype`` float32 (or bfloat16) for it.
+    """Load an AutoencoderKL from a local directory, a hub repository id, or ``org/repo/subfolder`` for a
+    VAE inside a pipeline repository (the default, ``stabilityai/stable-diffusion-xl-base-1.0/vae``, is
+    the SDXL VAE the reference used). The SDXL VAE overflows in float16: keep float32 or bfloat16.
     """
-    model = AutoencoderKL.from_pretrained(str(name_or_path), torch_dtype=dtype, low_cpu_mem_usage=False)
-    return VAE(model.to(device), str(name_or_path))
+    name = str(name_or_path)
+    repo, subfolder = name, None
+    if not os.path.isdir(name) and name.count("/") >= 2:
+        org, repo_name, subfolder = name.split("/", 2)
+        repo = f"{org}/{repo_name}"
+    model = AutoencoderKL.from_pretrained(repo, subfolder=subfolder, torch_dtype=dtype, low_cpu_mem_usage=False)
+    return VAE(model.to(device), name)
 
 
 def save_tiny_vae(
@@ -140,7 +146,7 @@ def tiny_vae_model(block_out_channels: Sequence[int] = (8, 16, 16), scaling_fact
 class TextEncoder:
     """OpenCLIP text tower: captions -> (per-token features (N, L, W), pooled feature (N, E))."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, name: str):
+    def __init__(self, model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], name: str):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
