@@ -17,7 +17,6 @@ which file to fetch from where. Images go through the model's own preprocessing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from PIL import Image
 
 from sedit.eval.files import write_json
 from sedit.eval.generate import read_manifest
-from sedit.eval.weights import MissingWeightsError
+from sedit.eval.weights import MissingWeightsError, run_metric_cli
 
 DEFAULT_CLIP = "ViT-L-14-quickgelu:openai"
 
@@ -137,11 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        report = evaluate_folder(build_parser().parse_args(argv))
-        print(json.dumps(report["metrics"]))
-    except MissingWeightsError as err:
-        raise SystemExit(f"error: {err}") from None
+    run_metric_cli(evaluate_folder, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from sedit.eval.files import list_images, write_json
-from sedit.eval.weights import EXTRACTOR, MissingWeightsError, file_digest, require_inception
+from sedit.eval.weights import EXTRACTOR, file_digest, require_inception, run_metric_cli
 
 RESIZE_PROTOCOL = "center-crop to square, PIL bicubic resize to R px, uint8; torch-fidelity TF1 bilinear to 299"
 
@@ -223,11 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        report = evaluate_folder(build_parser().parse_args(argv))
-        print(json.dumps(report["metrics"]))
-    except MissingWeightsError as err:
-        raise SystemExit(f"error: {err}") from None
+    run_metric_cli(evaluate_folder, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -223,3 +223,15 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def run_metric_cli(evaluate, parser, argv: list[str] | None) -> None:
+    """Entry point shared by the metric tools: run, print the metrics line, turn a missing
+    weights file into a one-line error (no traceback)."""
+    import json
+
+    try:
+        report = evaluate(parser.parse_args(argv))
+        print(json.dumps(report["metrics"]))
+    except MissingWeightsError as err:
+        raise SystemExit(f"error: {err}") from None
