@@ -23,17 +23,12 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from sedit.config import Config, build_config, to_dict
+from sedit.files import atomic_write_text
 from sedit.model import SparseDiT, build_model
 from sedit.moe.expert_parallel import ExpertChoiceEPLayer
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,7 +49,7 @@ def save_training_state(engine, directory: str | Path, tag: str, client_state: d
 
             shutil.rmtree(final)
         os.replace(directory / f"{tag}.tmp", final)
-        _write_atomic(directory / "latest", tag)
+        atomic_write_text(directory / "latest", tag)
     if dist.is_initialized():
         dist.barrier()
     return final
@@ -113,7 +108,7 @@ def export_consolidated(module: torch.nn.Module, cfg: Config, directory: str | P
     tmp = directory / (MODEL_FILE + ".tmp")
     save_file(state, str(tmp), metadata={"format": "sedit-consolidated-v1"})
     os.replace(tmp, directory / MODEL_FILE)
-    _write_atomic(directory / CONFIG_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(directory / CONFIG_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return directory
 
 

@@ -33,6 +33,7 @@ from sedit.data.encoders import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, VAE, TextEnco
 from sedit.data.images import BadInput, square_crops, to_tensor
 from sedit.data.sources import InputItem, coco_items, folder_items, read_caption, read_image, tar_items
 from sedit.data.topology import local_device, rank_and_world
+from sedit.files import atomic_write_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -213,7 +214,7 @@ def write_manifest(out: Path, settings: dict, num_shards: int, listing_skipped: 
     if not records:
         manifest["text_encoder"] = {"name": settings["text_encoder"]}
     lines = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped)
-    shards.write_text_atomic(out / "skipped.jsonl", lines)
+    atomic_write_text(out / "skipped.jsonl", lines)
     shards.write_json_atomic(out / "manifest.json", manifest)
     return manifest
 

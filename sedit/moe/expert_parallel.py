@@ -44,7 +44,6 @@ from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer, _AllToAllV
 from deepspeed.moe.ep_experts import GroupedExperts as DeepSpeedGroupedExperts
 from torch import nn
 
-from sedit.moe.dispatch import combine, dispatch
 from sedit.moe.layer import ExpertChoiceMoE
 from sedit.moe.routing import ExpertChoiceRouter
 
@@ -140,13 +139,8 @@ class ExpertChoiceEPLayer(AutoEPMoELayer):
         back = out.view(el, s, m, d).transpose(0, 1).reshape(s * el * m, d)  # (S*E_l*M, D)
         return self._all_to_all(back).view(e, m, d)  # (E, M, D): every expert's output for our tokens
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        routing = self.router(x)  # (N, E, C), this rank's images only
-        if self.keep_routing:
-            self.last_routing = routing
-        tokens = dispatch(x, routing.token_index)  # (E, N*C, D)
-        out = self.run_experts(tokens)  # (E, N*C, D)
-        return combine(out, routing.gates, routing.token_index, x.shape[1])  # (N, T, D)
+    # route this rank's images, dispatch, run_experts (all-to-all above), combine: the single-process steps
+    forward = ExpertChoiceMoE.forward
 
 
 # ----------------------------------------------------------------------------------------------
