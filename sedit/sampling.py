@@ -95,11 +95,12 @@ def generate_latents(
     sigma_max: float = 80.0,
     rho: float = 7.0,
     churn: float = 0.0,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Latents (N, C, H, W) for N captions, image k from seed k."""
+    """Latents (N, C, H, W) for N captions, image k from seed k; the network sees inputs in ``dtype``."""
     device = captions.device
     sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho).to(device)
     x = seeded_noise(seeds, latent_shape, device).double() * sigmas[0]
-    denoiser = guided_denoiser(precond, captions, guidance_scale)
+    denoiser = guided_denoiser(precond, captions.to(dtype), guidance_scale, dtype)
     generator = torch.Generator(device=device).manual_seed(int(seeds[0])) if churn > 0 else None
     return sample_heun(denoiser, x, sigmas, churn=churn, generator=generator).float()

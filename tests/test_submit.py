@@ -47,7 +47,8 @@ def test_one_stage_is_one_job_with_a_process_per_gpu(submit, tmp_path, capsys):
 
 def test_chain_depends_afterok_and_starts_each_stage_from_the_previous_export(submit, tmp_path):
     stages = [f"stage{k}.yaml" for k in (1, 2, 3, 4)]
-    code, calls = submit("--set", "stage.global_batch=8", configs=stages)
+    synthetic = ("--set", "stage.data=synthetic", "--set", "stage.micro_batch=2")
+    code, calls = submit("--set", "stage.global_batch=8", *synthetic, configs=stages)
     assert code == 0 and len(calls) == 4
     assert not any(a.startswith("--dependency") for a in calls[0])
     for k in (2, 3, 4):
