@@ -8,7 +8,11 @@ size (DeepSpeed stores optimizer partitions per rank).
 Consolidated export: every parameter whole, in fp32, experts of each MoE layer gathered from the
 expert-parallel group in global order, under the single-process names (``...ffn.experts.w1`` is
 (E, F, D)). Written by rank 0 as ``model.safetensors`` plus ``config.yaml``; it loads into a
-single-process model and can be re-sharded for any expert-parallel size.
+single-process model and can be re-sharded for any expert-parallel size. An export may also hold
+``ema.safetensors``, the EMA weights under the same names, which sampling prefers.
+
+Where the export of a run is (``resolve_export``): the run's ``final/``, else the export inside its
+newest checkpoint, ``checkpoints/<latest>/export/``.
 """
 
 from __future__ import annotations
@@ -176,13 +180,61 @@ def export_config(directory: str | Path) -> Config:
     return build_config(yaml.safe_load((directory / CONFIG_FILE).read_text()), str(directory / CONFIG_FILE))
 
 
-def load_consolidated(directory: str | Path, device: str | torch.device = "cpu") -> tuple[SparseDiT, Config]:
-    """Single-process model and its config from an export directory."""
+def load_consolidated(
+    directory: str | Path, device: str | torch.device = "cpu", weights_file: str = MODEL_FILE
+) -> tuple[SparseDiT, Config]:
+    """Single-process model and its config from an export directory.
+
+    ``weights_file`` picks the weights inside it: ``model.safetensors`` (the trained weights) or
+    ``ema.safetensors`` (their EMA).
+    """
     directory = Path(directory)
     cfg = export_config(directory)
+    weights = directory / weights_file
+    if not weights.is_file():
+        raise FileNotFoundError(f"{directory}: no {weights_file} in this export directory")
     net = build_model(cfg.model)
-    state = load_file(str(directory / MODEL_FILE))
+    state = load_file(str(weights))
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{directory / MODEL_FILE}: missing keys {missing}, unexpected keys {unexpected}")
+        raise ValueError(f"{weights}: missing keys {missing}, unexpected keys {unexpected}")
     return net.to(device), cfg
+
+
+def is_export_dir(directory: Path) -> bool:
+    return (directory / CONFIG_FILE).is_file() and (directory / MODEL_FILE).is_file()
+
+
+def export_candidates(path: Path) -> list[Path]:
+    """Where the export may be, in order: ``path`` itself, its ``final/``, the export of the checkpoint
+    that ``checkpoints/latest`` (or ``latest``) names, and ``export/`` inside a checkpoint tag."""
+    candidates = [path, path / "final"]
+    for checkpoints in (path / "checkpoints", path):
+        latest = checkpoints / "latest"
+        if latest.is_file():
+            candidates.append(checkpoints / latest.read_text().strip() / "export")
+    candidates.append(path / "export")
+    return candidates
+
+
+def resolve_export(path: str | Path, weights: str | None = None) -> tuple[Path, str]:
+    """(export directory, weights file name) for a path to any stage's output.
+
+    ``path`` may be an export directory (``config.yaml`` + ``model.safetensors``), a run directory
+    (its ``final/``, else ``checkpoints/<latest>/export/``) or a checkpoint tag directory (its
+    ``export/``). ``weights``: ``"ema"`` (``ema.safetensors``, which must exist), ``"raw"``
+    (``model.safetensors``) or None (EMA when the export has it, else the raw weights).
+    """
+    if weights not in (None, "ema", "raw"):
+        raise ValueError(f"weights {weights!r}: expected 'ema', 'raw' or None")
+    path = Path(path)
+    found = next((c for c in export_candidates(path) if is_export_dir(c)), None)
+    if found is None:
+        raise FileNotFoundError(
+            f"{path}: no sedit export found; looked for {CONFIG_FILE} + {MODEL_FILE} in the directory itself, "
+            "in final/, in checkpoints/<tag>/export/ (tag read from checkpoints/latest, or latest) and in export/"
+        )
+    has_ema = (found / EMA_FILE).is_file()
+    if weights == "ema" and not has_ema:
+        raise FileNotFoundError(f"{found}: no {EMA_FILE} (this export has no EMA weights; use the raw weights)")
+    return found, EMA_FILE if has_ema and weights != "raw" else MODEL_FILE
