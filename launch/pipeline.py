@@ -1,7 +1,7 @@
 """Run the four training stages in order (see sedit/pipeline.py).
 
-    python launch/pipeline.py                      # tiny preset on the built-in data -> runs/tiny
-    python launch/pipeline.py --configs configs/xl/stage{1,2,3,4}.yaml --data data/coco --gpus 8 --out runs/xl
+python launch/pipeline.py                      # tiny preset on the built-in data -> runs/tiny
+python launch/pipeline.py --configs configs/xl/stage{1,2,3,4}.yaml --data data/coco --gpus 8 --out runs/xl
 """
 
 from __future__ import annotations

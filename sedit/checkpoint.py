@@ -158,7 +158,9 @@ def export_consolidated(
     ``{"model.safetensors": master_value}``, the raw network.
     """
     net = module.net if hasattr(module, "net") else module
-    states = {file: consolidated_state_dict(net, value) for file, value in (weights or {MODEL_FILE: master_value}).items()}
+    states = {
+        file: consolidated_state_dict(net, value) for file, value in (weights or {MODEL_FILE: master_value}).items()
+    }
     directory = Path(directory)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None

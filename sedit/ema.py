@@ -93,7 +93,11 @@ class EMA:
 
     def state_dict(self) -> dict:
         """This rank's local pieces (store one per rank)."""
-        return {"decay": self.decay, "start_step": self.start_step, "average": {n: t.cpu() for n, t in self.average.items()}}
+        return {
+            "decay": self.decay,
+            "start_step": self.start_step,
+            "average": {n: t.cpu() for n, t in self.average.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         saved = state["average"]
@@ -101,5 +105,7 @@ class EMA:
             raise ValueError(f"EMA state has different parameters: {sorted(set(saved) ^ set(self.average))[:5]} ...")
         for name, value in saved.items():
             if value.shape != self.average[name].shape:
-                raise ValueError(f"EMA state of {name}: shape {tuple(value.shape)}, expected {tuple(self.average[name].shape)}")
+                raise ValueError(
+                    f"EMA state of {name}: shape {tuple(value.shape)}, expected {tuple(self.average[name].shape)}"
+                )
             self.average[name].copy_(value)

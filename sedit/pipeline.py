@@ -14,7 +14,7 @@ stage the loss, time and throughput and shows a sample grid made from the final 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import socket
 import subprocess
@@ -38,9 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="stage configs, in order")
     p.add_argument("--out", default="runs/tiny", help="pipeline directory (one sub-directory per stage)")
     p.add_argument("--data", default=None, help="prepared shard directory for every stage (sets stage.data)")
-    p.add_argument("--ds", default=None, help="DeepSpeed config (default ds_configs/zero3.json)")
+    p.add_argument("--ds", default=None, help="DeepSpeed config (default: zero3.json on GPUs, cpu.json on a CPU)")
     p.add_argument("--gpus", type=int, default=None, help="processes per stage (default: all GPUs, or 1 on a CPU)")
-    p.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: the DeepSpeed config's)")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: gcd(processes, experts))")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every stage")
     return p.parse_args(argv)
 
@@ -76,12 +76,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stage_command(args: argparse.Namespace, config: str, out: Path, overrides: list[str], gpus: int) -> list[str]:
-    ds = args.ds or str(ROOT / "ds_configs" / "zero3.json")
+def stage_command(args: argparse.Namespace, cfg: Config, config: str, out: Path, overrides: list[str], gpus: int):
+    ds = args.ds or str(ROOT / "ds_configs" / ("zero3.json" if gpu_count() else "cpu.json"))
+    ep = args.ep or math.gcd(gpus, cfg.model.num_experts)  # experts spread over as many processes as divide them
     stage = [str(ROOT / "launch" / "stage.py"), "--config", config, "--ds", ds, "--out", str(out), "--resume", "auto"]
-    stage += [f"--set={item}" for item in overrides]
-    if args.ep:
-        stage += ["--ep", str(args.ep)]
+    stage += [f"--set={item}" for item in overrides] + ["--ep", str(ep)]
     if gpus > 1:
         runner = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus)]
         return runner + ["--master_port", str(free_port()), *stage]
@@ -122,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
             what = "resuming" if (stage_dir / "checkpoints").is_dir() else "starting"
             print(f"== {cfg.stage.name}: {what} ({config}, {gpus} process(es)) -> {stage_dir}", flush=True)
             started = time.time()
-            code = subprocess.run(stage_command(args, config, stage_dir, overrides, gpus), env=stage_env(gpus)).returncode
+            code = subprocess.run(
+                stage_command(args, cfg, config, stage_dir, overrides, gpus), env=stage_env(gpus)
+            ).returncode
             if code != 0:
                 print(f"== {cfg.stage.name}: stopped with exit status {code}; rerun the same command to resume")
                 return code

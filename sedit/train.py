@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from argparse import Namespace
 from pathlib import Path
 
@@ -52,7 +53,9 @@ def resolve(args: Namespace) -> tuple[Config, dict, Path]:
     cfg = load_config(args.config, overrides)
     ds = resolve_ds_config(load_ds_config(args.ds), cfg, distributed.world_size(), args.ep)
     if not cfg.stage.data:
-        raise ConfigError(f"{args.config}: stage.data: no data source given (a prepared shard directory, or 'synthetic')")
+        raise ConfigError(
+            f"{args.config}: stage.data: no data source given (a prepared shard directory, or 'synthetic')"
+        )
     if cfg.stage.data != SYNTHETIC:
         check_prepared(cfg, args.config)
     if cfg.stage.init_from:
@@ -87,10 +90,12 @@ def run_stage(args: Namespace) -> int:
 
     import deepspeed
 
+    # DeepSpeed 0.19.8 calls collectives torch has renamed; the warning repeats every step and says nothing to users
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     stop = StopRequest().install()  # before the slow start-up, so an early signal is not fatal
     deepspeed.init_distributed(dist_backend="gloo" if distributed.device().type == "cpu" else "nccl")
     distributed.print0(json.dumps({"ranks": distributed.describe_ranks()}))
-    rank, world = distributed.rank(), distributed.world_size()
+    rank = distributed.rank()
     device = distributed.device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -131,7 +136,9 @@ class Stage:
         self.step, self.seconds = 0, 0.0
         if resuming:
             self.restore()
-        self.loss_fn = EDMLoss(cfg.diffusion.p_mean, cfg.diffusion.p_std, cfg.diffusion.sigma_data, cfg.model.patch_size)
+        self.loss_fn = EDMLoss(
+            cfg.diffusion.p_mean, cfg.diffusion.p_std, cfg.diffusion.sigma_data, cfg.model.patch_size
+        )
         self.grid = SampleGrid(cfg, out / "samples", device, self.rank == 0)
         self.log = MetricsLog(out, cfg, start_step=self.step, total_steps=stage.steps, main=self.rank == 0)
         accum = self.engine.gradient_accumulation_steps()
