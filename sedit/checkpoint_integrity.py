@@ -64,6 +64,12 @@ def write_manifest(directory: Path, info: dict) -> None:
         atomic_write_text(directory / MANIFEST, json.dumps({**info, "files": dict(sorted(files.items()))}, indent=1))
 
 
+def checkpoint_info(directory: Path) -> dict:
+    """What was recorded with an intact checkpoint (step, layout, ...), without the file list."""
+    manifest = json.loads((directory / MANIFEST).read_text())
+    return {k: v for k, v in manifest.items() if k != "files"}
+
+
 def problem(directory: Path) -> str | None:
     """Why ``directory`` is not an intact checkpoint, or None (collective)."""
     rank, world = _rank_world()

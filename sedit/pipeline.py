@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="stage configs, in order")
     p.add_argument("--out", default="runs/tiny", help="pipeline directory (one sub-directory per stage)")
     p.add_argument("--data", default=None, help="prepared shard directory for every stage (sets stage.data)")
-    p.add_argument("--ds", default=None, help="DeepSpeed config (default: zero3.json on GPUs, cpu.json on a CPU)")
+    p.add_argument("--ds", default=None, help="DeepSpeed config (default: see docs/training.md)")
     p.add_argument("--gpus", type=int, default=None, help="processes per stage (default: all GPUs, or 1 on a CPU)")
     p.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: gcd(processes, experts))")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every stage")
@@ -77,7 +77,7 @@ def free_port() -> int:
 
 
 def stage_command(args: argparse.Namespace, cfg: Config, config: str, out: Path, overrides: list[str], gpus: int):
-    ds = args.ds or str(ROOT / "ds_configs" / ("zero3.json" if gpu_count() else "cpu.json"))
+    ds = args.ds or str(ROOT / "ds_configs" / default_ds_config(gpus))
     ep = args.ep or math.gcd(gpus, cfg.model.num_experts)  # experts spread over as many processes as divide them
     stage = [str(ROOT / "launch" / "stage.py"), "--config", config, "--ds", ds, "--out", str(out), "--resume", "auto"]
     stage += [f"--set={item}" for item in overrides] + ["--ep", str(ep)]
@@ -95,6 +95,13 @@ def stage_env(gpus: int) -> dict[str, str]:
         env.setdefault("DS_ACCELERATOR", "cpu")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     return env
+
+
+def default_ds_config(processes: int) -> str:
+    """ZeRO-3 + expert parallelism across GPUs; ZeRO-2 on one GPU (nothing to partition, fewer hooks); fp32 on a CPU."""
+    if not gpu_count():
+        return "cpu.json"
+    return "zero3.json" if processes > 1 else "zero2_ep.json"
 
 
 def gpu_count() -> int:

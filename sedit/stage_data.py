@@ -95,20 +95,26 @@ def training_batches(cfg: Config, rank: int, world_size: int, pin_memory: bool =
 
 
 def data_captions(cfg: Config, count: int) -> tuple[list[str], torch.Tensor]:
-    """The first ``count`` captions of the prepared data, in manifest order, with their text tokens."""
+    """``count`` captions of the prepared data with their text tokens, spread over the shards.
+
+    The first ceil(count / shards) samples of each shard in manifest order, so the prompts come from
+    across the data set (not only its first shard) and are the same on every run.
+    """
     from sedit.data.loader import list_shards, read_tar
 
     texts, tokens = [], []
     shards, _ = list_shards(cfg.stage.data)
+    per_shard = -(-count // max(1, len(shards)))
     for shard in shards:
-        for sample in read_tar(shard.url, {"txt", fmt.TOKENS_FIELD}):
+        samples = read_tar(shard.url, {"txt", fmt.TOKENS_FIELD})
+        for sample, _ in zip(samples, range(per_shard), strict=False):
             texts.append(sample["txt"].decode("utf-8"))
             tokens.append(torch.from_numpy(fmt.npy_load(sample[fmt.TOKENS_FIELD]).astype(np.float32)))
-            if len(texts) == count:
-                return texts, torch.stack(tokens)
+        if len(texts) >= count:
+            break
     if not texts:
         raise ConfigError(f"stage.data: {cfg.stage.data}: no samples to take sample-grid captions from")
-    return texts, torch.stack(tokens)
+    return texts[:count], torch.stack(tokens[:count])
 
 
 def prompt_lines(path: str | Path, count: int) -> list[str]:

@@ -29,7 +29,7 @@ import yaml
 
 from sedit import distributed
 from sedit.checkpoint import EMA_FILE, MODEL_FILE, export_consolidated, master_value
-from sedit.checkpoint_integrity import candidates, newest_intact, tag_for
+from sedit.checkpoint_integrity import candidates, checkpoint_info, newest_intact, tag_for
 from sedit.config import Config, ConfigError, load_config, merge, parse_override, to_dict
 from sedit.edm import EDMLoss
 from sedit.ema import EMA
@@ -129,6 +129,7 @@ class Stage:
             net, _ = load_consolidated(stage.init_from)
             distributed.print0(f"initialised from {stage.init_from}")
         self.engine, _ = build_engine(cfg, ds, net)
+        self.ep = ep_size_of(ds)
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         self.ema = EMA(self.engine.module.net, stage.ema_decay, stage.ema_start) if stage.ema_decay > 0 else None
         self.data = training_batches(cfg, self.rank, self.world, pin_memory=device.type == "cuda")
@@ -161,19 +162,26 @@ class Stage:
                 f"{self.ckpt_dir}: no intact checkpoint to resume from (see the warnings above); "
                 "move the directory away or pass --resume none to start over"
             )
-        state = load_training_state(self.engine, self.ckpt_dir, path.name)
-        mine = state.get("rank_state")
-        if mine is None or state.get("world_size") != self.world:
+        saved = checkpoint_info(path)
+        differ = {k: (saved.get(k), v) for k, v in self.layout().items() if saved.get(k) != v}
+        if differ:
+            what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in differ.items())
             raise ConfigError(
-                f"{path}: written by {state.get('world_size')} processes, this run has {self.world}; "
-                "resume with the same layout, or start a new stage from an export (stage.init_from)"
+                f"{path}: written with another layout ({what}); DeepSpeed's optimizer state is split by it. "
+                "Resume with the same layout, or start a new stage from an export (stage.init_from)"
             )
+        state = load_training_state(self.engine, self.ckpt_dir, path.name)
+        mine = state["rank_state"]
         self.step, self.seconds = int(state["step"]), float(state.get("seconds", 0.0))
         self.data.load_state_dict(mine["data"])
         self.generator.set_state(mine["generator"])
         if self.ema is not None:
             self.ema.load_state_dict(mine["ema"])
         distributed.print0(f"resumed from {path} at step {self.step}")
+
+    def layout(self) -> dict:
+        """What a resumable checkpoint depends on: processes, ZeRO stage, expert-parallel size."""
+        return {"world_size": self.world, "zero_stage": self.engine.zero_optimization_stage(), "ep": self.ep}
 
     def export_weights(self, final: bool) -> dict:
         """File -> value function for an export: the raw weights and the EMA, or (final) the one to use."""
@@ -192,7 +200,7 @@ class Stage:
             self.engine,
             self.ckpt_dir,
             tag_for(self.step),
-            {"step": self.step, "seconds": self.seconds, "world_size": self.world},
+            {"step": self.step, "seconds": self.seconds, **self.layout()},
             rank_state=mine,
             export=lambda directory: export_consolidated(
                 self.engine.module, self.cfg, directory, self.export_weights(final=False)
