@@ -117,6 +117,7 @@ class StageConfig:
     init_from: str = ""  # a previous stage's final/ export whose weights start this stage (fresh optimizer)
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2  # newest complete checkpoints kept (>= 2 so a corrupt newest one has a fallback)
+    checkpoint_export: bool = True  # whole fp32 weights (+ EMA) in each checkpoint for sedit.generate; XL: +9 GB
     sample_every: int = 1000  # 0 disables sample grids during training
     sample_prompts: str = ""  # text file, one prompt per line; empty: the first captions of the data
     sample_count: int = 8  # images in each sample grid

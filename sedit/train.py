@@ -190,9 +190,13 @@ class Stage:
             return {MODEL_FILE: ema or master_value}
         return {MODEL_FILE: master_value} | ({EMA_FILE: ema} if ema else {})
 
+    def export_into(self, directory: Path) -> None:
+        export_consolidated(self.engine.module, self.cfg, directory, self.export_weights(final=False))
+
     def save(self) -> None:
         from sedit.checkpoint import save_training_state
 
+        started = time.time()
         mine = {"step": self.step, "data": self.data.state_dict(), "generator": self.generator.get_state()}
         if self.ema is not None:
             mine["ema"] = self.ema.state_dict()
@@ -202,11 +206,10 @@ class Stage:
             tag_for(self.step),
             {"step": self.step, "seconds": self.seconds, **self.layout()},
             rank_state=mine,
-            export=lambda directory: export_consolidated(
-                self.engine.module, self.cfg, directory, self.export_weights(final=False)
-            ),
+            export=self.export_into if self.cfg.stage.checkpoint_export else None,
             keep=self.cfg.stage.keep_checkpoints,
         )
+        distributed.print0(f"checkpoint {tag_for(self.step)} written in {time.time() - started:.1f} s")
 
     # ------------------------------------------------------------------------------------------
     # the loop
