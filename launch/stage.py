@@ -38,13 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     from sedit.distributed import apply_launcher_env
 
     apply_launcher_env(args.local_rank)
-    from sedit.train import run_stage
+    from sedit.train import DIVERGED_EXIT, DivergedError, run_stage
 
     try:
         return run_stage(args)
     except (ConfigError, TopologyError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except DivergedError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return DIVERGED_EXIT
 
 
 if __name__ == "__main__":

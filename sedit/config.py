@@ -8,6 +8,7 @@ file never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -108,11 +111,19 @@ class StageConfig:
     ema_decay: float = 0.0  # 0 disables EMA
     ema_start: int = 0  # step at which EMA starts tracking
     seed: int = 0
-    data: str = ""  # shard pattern or directory of prepared shards
-    init_from: str = ""  # checkpoint whose weights start this stage (fresh optimizer)
+    data: str = ""  # directory of prepared shards (sedit.data.prepare), or 'synthetic'
+    num_workers: int = 2  # data-loader worker processes per rank
+    shuffle_buffer: int = 1000  # samples in each loader worker's shuffle buffer
+    init_from: str = ""  # a previous stage's final/ export whose weights start this stage (fresh optimizer)
     checkpoint_every: int = 1000
-    sample_every: int = 1000
+    keep_checkpoints: int = 2  # newest complete checkpoints kept (>= 2 so a corrupt newest one has a fallback)
+    checkpoint_export: bool = True  # whole fp32 weights (+ EMA) in each checkpoint for sedit.generate; XL: +9 GB
+    sample_every: int = 1000  # 0 disables sample grids during training
+    sample_prompts: str = ""  # text file, one prompt per line; empty: the first captions of the data
+    sample_count: int = 8  # images in each sample grid
     log_every: int = 10
+    wandb: str = "offline"  # 'offline' (files under the run dir), 'online', or 'disabled'
+    wandb_project: str = "sedit"
 
     def validate(self, prefix: str = "stage") -> None:
         _require(self.resolution > 0, f"{prefix}.resolution", "must be > 0")
@@ -124,6 +135,17 @@ class StageConfig:
         _require(0.0 <= self.caption_dropout <= 1.0, f"{prefix}.caption_dropout", "must be in [0, 1]")
         _require(0.0 <= self.ema_decay < 1.0, f"{prefix}.ema_decay", "must be in [0, 1)")
         _require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0 (0 disables clipping)")
+        _require(self.ema_start >= 0, f"{prefix}.ema_start", "must be >= 0")
+        _require(self.num_workers >= 0, f"{prefix}.num_workers", "must be >= 0")
+        _require(self.shuffle_buffer >= 1, f"{prefix}.shuffle_buffer", "must be >= 1")
+        _require(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", "must be >= 1")
+        _require(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", "must be >= 1")
+        _require(self.sample_every >= 0, f"{prefix}.sample_every", "must be >= 0 (0 disables sampling)")
+        _require(self.sample_count >= 1, f"{prefix}.sample_count", "must be >= 1")
+        _require(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
+        _require(
+            self.wandb in ("offline", "online", "disabled"), f"{prefix}.wandb", "must be offline, online or disabled"
+        )
 
 
 @dataclass
@@ -190,6 +212,8 @@ def _check_value(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and FLOAT_LITERAL.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string; it is meant as a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

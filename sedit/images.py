@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -9,11 +10,22 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sedit.files import atomic_write_bytes
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
     x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def png_bytes(image: np.ndarray | Image.Image) -> bytes:
+    """PNG file contents of one (H, W, 3) uint8 array or PIL image."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:
@@ -30,11 +42,8 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> Im
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, min_side: int = 64) -> Path:
-    """Write a PNG grid (small images enlarged, nearest-neighbour, to at least ``min_side``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a PNG grid atomically (small images enlarged, nearest-neighbour, to at least ``min_side``)."""
     factor = max(1, -(-min_side // images.shape[-1]))
     if factor > 1:
         images = torch.nn.functional.interpolate(images.float(), scale_factor=factor, mode="nearest")
-    make_grid(images, nrow).save(path)
-    return path
+    return atomic_write_bytes(path, png_bytes(make_grid(images, nrow)))

@@ -95,11 +95,50 @@ def generate_latents(
     sigma_max: float = 80.0,
     rho: float = 7.0,
     churn: float = 0.0,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Latents (N, C, H, W) for N captions, image k from seed k."""
+    """Latents (N, C, H, W) for N captions, image k from seed k; the network sees inputs in ``dtype``."""
     device = captions.device
     sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho).to(device)
     x = seeded_noise(seeds, latent_shape, device).double() * sigmas[0]
-    denoiser = guided_denoiser(precond, captions, guidance_scale)
+    denoiser = guided_denoiser(precond, captions.to(dtype), guidance_scale, dtype)
     generator = torch.Generator(device=device).manual_seed(int(seeds[0])) if churn > 0 else None
     return sample_heun(denoiser, x, sigmas, churn=churn, generator=generator).float()
+
+
+def sample_images(
+    precond,
+    text_encoder,
+    vae,
+    captions: Sequence[str],
+    seeds: Sequence[int],
+    latent_shape: Sequence[int],
+    steps: int,
+    guidance_scale: float,
+    diffusion,
+    churn: float = 0.0,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1] for N caption strings, image k from seed k.
+
+    Captions are encoded by ``text_encoder`` (its per-token features condition the model), latents are
+    sampled with ``generate_latents`` under ``diffusion``'s sigma range and rho, and ``vae`` decodes
+    them. ``precision="bf16"`` runs the networks in bfloat16 autocast.
+    """
+    device = text_encoder.device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.no_grad(), autocast:
+        tokens, _ = text_encoder.encode(list(captions))  # (N, L, W)
+        latents = generate_latents(
+            precond,
+            tokens,
+            seeds=seeds,
+            latent_shape=latent_shape,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            sigma_min=diffusion.sigma_min,
+            sigma_max=diffusion.sigma_max,
+            rho=diffusion.rho,
+            churn=churn,
+        )  # (N, C, h, w)
+        return vae.decode(latents)  # (N, 3, H, W)

@@ -287,3 +287,36 @@ def stop_agreement(rank: int, world: int, out: Path) -> None:
             signal.raise_signal(signal.SIGUSR1)
         after = stop.agreed()
     _write(out, rank, {"before": before, "after": after, "received": stop.received})
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA of partitioned master weights
+# ----------------------------------------------------------------------------------------------
+
+
+def engine_ema(rank: int, world: int, ds_name: str, out: Path) -> None:
+    """The EMA export equals an EMA computed by hand from the whole master weights after each step."""
+    from sedit.checkpoint import consolidated_state_dict
+    from sedit.ema import EMA
+
+    cfg = tiny_config(world=world)
+    engine, _ = _engine(cfg, ds_name, bf16=True)
+    net = engine.module.net
+    decay, start = 0.6, 1
+    ema = EMA(net, decay, start_step=start)
+    latents, captions = fixed_batch(rank, cfg.stage.micro_batch, cfg)
+    expected = None
+    kinds = sorted({m.kind for m in ema.masters.values()})
+    for step in range(1, 5):
+        _train_steps(engine, cfg, latents, captions, 1)
+        ema.update(step)
+        whole = consolidated_state_dict(net)  # the master weights after this step
+        if step <= start:
+            expected = whole
+        else:
+            expected = {k: decay * expected[k] + (1 - decay) * whole[k] for k in whole}
+    averaged = consolidated_state_dict(net, lambda name, _p: ema.full_value(name))
+    raw = consolidated_state_dict(net)
+    errors = {k: (averaged[k] - expected[k]).abs().max().item() for k in expected}
+    moved = max((averaged[k] - raw[k]).abs().max().item() for k in raw)
+    _write(out, rank, {"kinds": kinds, "max_error": max(errors.values()), "differs_from_raw": moved})

@@ -43,3 +43,12 @@ def test_yaml_file_with_inherit_and_error_names_file(tmp_path):
         load_config(tmp_path / "bad.yaml")
     cfg = load_config(tmp_path / "child.yaml", parse_override("stage.steps=7"))
     assert cfg.stage.steps == 7
+
+
+def test_exponent_without_a_dot_is_a_number():
+    from sedit.config import build_config, parse_override
+
+    cfg = build_config({"stage": {"lr": "1e-4", "lr_final": "2E+1"}, **parse_override("diffusion.p_std=1e0")})
+    assert cfg.stage.lr == 1e-4 and cfg.stage.lr_final == 20.0 and cfg.diffusion.p_std == 1.0
+    with pytest.raises(ConfigError, match="stage.lr: expected a number, got 'fast'"):
+        build_config({"stage": {"lr": "fast"}})

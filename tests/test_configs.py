@@ -26,3 +26,19 @@ def test_xl_recipe_matches_reference():
     assert all(s.model.width == 1024 and s.stage.global_batch == 2048 for s in stages)
     for prev, nxt in zip(stages, stages[1:], strict=False):
         assert nxt.stage.init_from.endswith(f"{prev.stage.name}/final")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "S", "B", "L", "XL"])
+def test_every_preset_has_a_four_stage_chain(preset):
+    from sedit.presets import PRESETS
+
+    root = Path(__file__).resolve().parents[1] / "configs" / preset.lower()
+    stages = [load_config(root / f"stage{i}.yaml") for i in (1, 2, 3, 4)]
+    assert all(s.model == PRESETS[preset] for s in stages if preset != "tiny")
+    assert [s.stage.mask_ratio for s in stages] == [0.75, 0.0, 0.75, 0.0]
+    low, high = stages[0].stage.resolution, stages[2].stage.resolution
+    assert stages[1].stage.resolution == low and stages[3].stage.resolution == high == 2 * low
+    if preset != "tiny":  # the pipeline sets init_from itself; the SLURM chain reads these
+        run = "runs/" + preset.lower()
+        for prev, nxt in zip(stages, stages[1:], strict=False):
+            assert nxt.stage.init_from == f"{run}/{prev.stage.name}/final"

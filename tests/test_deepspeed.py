@@ -64,3 +64,13 @@ def test_unsupported_topology_is_refused(experts, ep, world, fragment):
     with pytest.raises(TopologyError, match=fragment):
         check_topology(experts, ep, world)
     check_topology(8, 2, 4)  # and a valid one passes
+
+
+@pytest.mark.parametrize("ds_name", ["zero3.json", "zero2_ep.json"])
+def test_ema_of_partitioned_master_weights_matches_a_whole_weight_ema(tmp_path, ds_name):
+    dist_workers.run_spawn(dist_workers.engine_ema, 2, ds_name, tmp_path)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["kinds"] == (["zero3"] if ds_name == "zero3.json" else ["zero12"]), result
+        assert result["max_error"] < 1e-6, result  # assembled pieces == the EMA of whole tensors
+        assert result["differs_from_raw"] > 1e-4, result  # and it is an average, not the weights

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from sedit.moe import ExpertChoiceMoE, expert_capacity
 from sedit.moe.dispatch import combine, dispatch
-from sedit.moe.routing import routing_stats
+from sedit.moe.routing import Routing, routing_stats
 
 
 def make_layer(gated=False, seed=0, dim=16, hidden=24, experts=4, capacity=2.0):
@@ -95,3 +95,14 @@ def test_dispatch_combine_are_index_moves():
     torch.testing.assert_close(back[0, 0], x[0, 0])
     torch.testing.assert_close(back[1, 1], 2 * x[1, 1])  # taken twice
     assert (back[0, 1] == 0).all()  # nobody took it
+
+
+def test_importance_spread_over_experts():
+    n, t, e = 2, 8, 4
+    index = torch.arange(t).view(1, 1, t).expand(n, e, t)[..., :4]  # (N, E, C): every expert takes tokens 0..3
+    uniform = Routing(torch.ones(n, e, 4), index, torch.full((n, t, e), 1 / e))
+    one_expert = Routing(torch.ones(n, e, 4), index, F.one_hot(torch.zeros(n, t, dtype=torch.long), e).float())
+    assert routing_stats(uniform)["importance_cv"].item() == pytest.approx(0.0)
+    assert routing_stats(one_expert)["importance_cv"].item() == pytest.approx((e - 1) ** 0.5)
+    assert routing_stats(uniform)["dropped_fraction"].item() == pytest.approx(0.5)
+    assert routing_stats(uniform)["tokens_per_expert"].item() == n * 4

@@ -4,7 +4,6 @@ import signal
 from dist_workers import run_spawn, stop_agreement
 
 from sedit.preemption import StopRequest
-from sedit.train import trim_metrics
 
 
 def test_stop_signal_only_sets_a_flag_and_handlers_are_restored():
@@ -35,10 +34,3 @@ def test_every_rank_stops_when_one_rank_is_signalled(tmp_path):
     assert [r["before"] for r in results] == [False, False]
     assert [r["after"] for r in results] == [True, True]
     assert [r["received"] for r in results] == [None, int(signal.SIGUSR1)]
-
-
-def test_resume_drops_metrics_of_steps_that_will_be_redone(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4, 5)))
-    trim_metrics(path, 3)
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]

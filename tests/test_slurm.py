@@ -105,7 +105,8 @@ def test_usr1_checkpoints_requeues_and_resumes_without_repeating_steps(cluster, 
 
 
 def test_chained_stage_starts_after_the_previous_succeeds_from_its_weights(cluster, tmp_path):
-    extra = ["--set", "stage.steps=2"]
+    extra = ["--set", "stage.steps=2", "--set", "stage.data=synthetic", "--set", "stage.micro_batch=2"]
+    extra += ["--set", "stage.global_batch=4", "--set", "stage.sample_every=0", "--set", "stage.log_every=1"]
     first, second = submit(cluster, tmp_path, "stage1.yaml", "stage2.yaml", extra=extra)
     waiting = cluster.job(second)
     assert waiting["JobState"] == "PENDING" and waiting["Reason"] == "Dependency", waiting

@@ -9,6 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny"
+TOY = ["--set", "stage.data=synthetic", "--set", "stage.micro_batch=2"]  # the tiny chain on a toy batch
 
 
 @pytest.fixture
@@ -47,7 +48,8 @@ def test_one_stage_is_one_job_with_a_process_per_gpu(submit, tmp_path, capsys):
 
 def test_chain_depends_afterok_and_starts_each_stage_from_the_previous_export(submit, tmp_path):
     stages = [f"stage{k}.yaml" for k in (1, 2, 3, 4)]
-    code, calls = submit("--set", "stage.global_batch=8", configs=stages)
+    synthetic = ("--set", "stage.data=synthetic", "--set", "stage.micro_batch=2")
+    code, calls = submit("--set", "stage.global_batch=8", *synthetic, configs=stages)
     assert code == 0 and len(calls) == 4
     assert not any(a.startswith("--dependency") for a in calls[0])
     for k in (2, 3, 4):
@@ -63,8 +65,8 @@ def test_chain_depends_afterok_and_starts_each_stage_from_the_previous_export(su
         (["--ep", "4", "--set", "stage.global_batch=8"], ["smoke.yaml"], 2, "would span two nodes"),
         (["--set", "stage.data=/no/such/shards"], ["smoke.yaml"], 2, "stage.data: /no/such/shards does not exist"),
         (["--set", "stage.data=''"], ["smoke.yaml"], 2, "stage.data: no data source given"),
-        (["--from-stage", "2"], ["stage1.yaml", "stage2.yaml"], 2, "tiny-stage1/final: missing model.safetensors"),
-        (["--init-from", "/no/export"], ["stage2.yaml"], 2, "stage.init_from: /no/export: missing model.safetensors"),
+        (["--from-stage", "2", *TOY], ["stage1.yaml", "stage2.yaml"], 2, "tiny-stage1/final: missing model."),
+        (["--init-from", "/no/export", *TOY], ["stage2.yaml"], 2, "stage.init_from: /no/export: missing model."),
         ([], ["smoke.yaml", "smoke.yaml"], 2, "each stage needs its own stage.name"),
     ],
 )

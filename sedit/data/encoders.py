@@ -158,9 +158,12 @@ class TextEncoder:
         self.width = int(self._final_norm.normalized_shape[0])
         self.pooled_dim = int(model.encode_text(self._tokenize([""])).shape[-1])
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def _tokenize(self, captions: Sequence[str]) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        return self.tokenizer(list(captions)).to(device)  # (N, L) token ids
+        return self.tokenizer(list(captions)).to(self.device)  # (N, L) token ids
 
     @torch.no_grad()
     def encode(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,6 +213,19 @@ def load_text_encoder(
     )
     tokenizer = open_clip.get_tokenizer(model_name)
     return TextEncoder(model, tokenizer, str(name_or_path))
+
+
+def load_encoders(
+    vae: str, text_encoder: str, caption_dim: int, device: torch.device | str = "cpu"
+) -> tuple[VAE, TextEncoder]:
+    """The VAE and text encoder a model samples with; the text width must be the model's caption_dim."""
+    text = load_text_encoder(text_encoder, device=device)
+    if text.width != caption_dim:
+        raise ValueError(
+            f"text encoder {text_encoder!r} has width {text.width} but the model's caption_dim is {caption_dim}; "
+            "use the text encoder the training data was prepared with"
+        )
+    return load_vae(vae, device=device), text
 
 
 def tiny_open_clip_config(width: int = 32, layers: int = 2, heads: int = 2) -> dict:

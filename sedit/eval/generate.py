@@ -14,22 +14,20 @@ Each rank records what it wrote and skipped in ``logs/rank{r}.json``.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from sedit.checkpoint import load_consolidated
 from sedit.edm import EDMPrecond
 from sedit.eval.captions import read_captions
 from sedit.eval.files import atomic_write_bytes, dist_env, local_rank, write_json
 from sedit.eval.weights import MissingWeightsError
-from sedit.images import to_uint8
-from sedit.sampling import generate_latents
+from sedit.images import png_bytes, to_uint8
+from sedit.sampling import sample_images
 
 MANIFEST = "manifest.json"
 
@@ -72,12 +70,6 @@ def claim_manifest(out: Path, manifest: dict) -> None:
     write_json(path, manifest)
 
 
-def encode_png(pixels) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def require_local(name: str, what: str, how: str, allow_download: bool) -> str:
     """``name`` if it points at something on this machine (a path, local-dir:PATH or ARCH:PATH); else fail now."""
     path = name.split(":", 1)[1] if ":" in name and not os.path.exists(name) else name
@@ -87,7 +79,7 @@ def require_local(name: str, what: str, how: str, allow_download: bool) -> str:
 
 
 def generate(args: argparse.Namespace) -> dict:
-    from sedit.data.encoders import load_text_encoder, load_vae
+    from sedit.data.encoders import load_encoders
 
     rank, world = dist_env()
     device = torch.device(args.device or (f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"))
@@ -106,10 +98,7 @@ def generate(args: argparse.Namespace) -> dict:
     )
     net, cfg = load_consolidated(args.checkpoint, device)
     precond = EDMPrecond(net, cfg.diffusion.sigma_data).eval().requires_grad_(False)
-    vae = load_vae(vae_name, device=device)
-    text = load_text_encoder(text_name, device=device)
-    if text.width != cfg.model.caption_dim:
-        raise ValueError(f"text encoder width {text.width} != model.caption_dim {cfg.model.caption_dim}")
+    vae, text = load_encoders(vae_name, text_name, cfg.model.caption_dim, device)
 
     resolution = args.resolution or cfg.stage.resolution
     side = args.latent_side or resolution // vae.downsample
@@ -145,26 +134,23 @@ def generate(args: argparse.Namespace) -> dict:
     skipped = [item["index"] for item in mine if (out / item["file"]).is_file()]
     written: list[int] = []
     start = time.time()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     for b in range(0, len(todo), args.batch_size):
         batch = todo[b : b + args.batch_size]
-        with torch.no_grad(), autocast:
-            tokens, _ = text.encode([item["caption"] for item in batch])  # (N, L, W)
-            latents = generate_latents(
-                precond,
-                tokens,
-                seeds=[item["seed"] for item in batch],
-                latent_shape=settings["latent_shape"],
-                steps=steps,
-                guidance_scale=guidance,
-                sigma_min=d.sigma_min,
-                sigma_max=d.sigma_max,
-                rho=d.rho,
-                churn=args.churn,
-            )  # (N, C, h, w)
-            images = vae.decode(latents)  # (N, 3, H, W) in [-1, 1]
+        images = sample_images(
+            precond,
+            text,
+            vae,
+            [item["caption"] for item in batch],
+            seeds=[item["seed"] for item in batch],
+            latent_shape=settings["latent_shape"],
+            steps=steps,
+            guidance_scale=guidance,
+            diffusion=d,
+            churn=args.churn,
+            precision=args.precision,
+        )  # (N, 3, H, W) in [-1, 1]
         for item, pixels in zip(batch, to_uint8(images), strict=True):
-            atomic_write_bytes(out / item["file"], encode_png(pixels))
+            atomic_write_bytes(out / item["file"], png_bytes(pixels))
             written.append(item["index"])
         if rank == 0:
             done = len(written)

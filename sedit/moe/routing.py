@@ -42,20 +42,48 @@ class ExpertChoiceRouter(nn.Module):
         return Routing(gates, token_index, probs)
 
 
+def tokens_chosen(routing: Routing) -> torch.Tensor:
+    """(N, E, T) 0/1 mask: 1 where expert e took token t of image n (each (n, e, t) counted once)."""
+    n, t, e = routing.probs.shape
+    chosen = torch.zeros(n, e, t, device=routing.probs.device)
+    return chosen.scatter_(2, routing.token_index, 1.0)  # (N, E, T)
+
+
+@torch.no_grad()
+def expert_load(routing: Routing) -> dict[str, torch.Tensor]:
+    """Per-expert load of one routing decision, (E,) vectors:
+
+    - ``tokens``: distinct tokens each expert took, summed over images (N * C by construction);
+    - ``importance``: mean router probability of each expert over all tokens (sums to 1 over experts).
+    """
+    return {
+        "tokens": tokens_chosen(routing).sum(dim=(0, 2)),  # (E,)
+        "importance": routing.probs.mean(dim=(0, 1)),  # (E,)
+    }
+
+
+@torch.no_grad()
 def routing_stats(routing: Routing) -> dict[str, torch.Tensor]:
     """Load statistics of one routing decision, as 0-d tensors (no host sync here).
 
     - ``router_entropy``: mean entropy of the per-token expert distribution (ln E = uniform);
     - ``dropped_fraction``: share of tokens that no expert took (they pass through the residual);
-    - ``experts_per_token``: mean number of experts that took a token (= capacity by construction).
+    - ``experts_per_token``: mean number of experts that took a token (= capacity by construction);
+    - ``tokens_per_expert``: distinct tokens an expert took, summed over images, mean over experts
+      (= N * C by construction: a lower value means an expert's slots held a token twice);
+    - ``importance_cv``: coefficient of variation (std / mean) over experts of the mean router
+      probability: 0 when the router spreads its probability evenly, sqrt(E - 1) when one expert
+      gets all of it. Expert choice fills every expert regardless, so this is where imbalance shows.
     """
-    n, t, e = routing.probs.shape
-    probs = routing.probs
+    probs = routing.probs  # (N, T, E)
     entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
-    taken = torch.zeros(n, t, device=probs.device)
-    taken.scatter_add_(1, routing.token_index.reshape(n, -1), torch.ones_like(routing.gates.reshape(n, -1)))
+    chosen = tokens_chosen(routing)  # (N, E, T)
+    taken = chosen.sum(dim=1)  # (N, T): experts that took each token
+    importance = probs.mean(dim=(0, 1))  # (E,)
     return {
         "router_entropy": entropy,
         "dropped_fraction": (taken == 0).float().mean(),
         "experts_per_token": taken.mean(),
+        "tokens_per_expert": chosen.sum(dim=(0, 2)).mean(),
+        "importance_cv": importance.std(correction=0) / importance.mean(),
     }

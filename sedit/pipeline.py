@@ -1,0 +1,148 @@
+"""The four-stage recipe in order: each stage starts from the previous stage's final weights.
+
+    python launch/pipeline.py                                   # tiny preset, built-in data, runs/tiny
+    python launch/pipeline.py --configs configs/xl/stage{1,2,3,4}.yaml --data data/coco --gpus 8 --out runs/xl
+
+Each stage runs ``launch/stage.py`` in its own processes (one per GPU; one process on a CPU) into
+``OUT/<stage.name>/`` with ``stage.init_from`` set to the previous stage's ``final/`` (fresh optimizer;
+position embeddings are recomputed for the new grid). A stage whose ``final/`` exists is skipped; a
+half-finished one resumes from its newest intact checkpoint. When the data directory is the built-in
+set and it is missing, it is built first. At the end ``OUT/report.md`` (and ``report.json``) lists per
+stage the loss, time and throughput and shows a sample grid made from the final weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sedit.checkpoint import CONFIG_FILE, MODEL_FILE
+from sedit.config import Config, load_config, merge, parse_override
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIGS = [f"configs/tiny/stage{k}.yaml" for k in (1, 2, 3, 4)]
+BUILTIN_DATA = Path("data/emoji")  # sedit.data.builtin's default output; shards in BUILTIN_DATA/shards
+REPORT_PROMPTS = 8
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="launch/pipeline.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="stage configs, in order")
+    p.add_argument("--out", default="runs/tiny", help="pipeline directory (one sub-directory per stage)")
+    p.add_argument("--data", default=None, help="prepared shard directory for every stage (sets stage.data)")
+    p.add_argument("--ds", default=None, help="DeepSpeed config (default: see docs/training.md)")
+    p.add_argument("--gpus", type=int, default=None, help="processes per stage (default: all GPUs, or 1 on a CPU)")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: gcd(processes, experts))")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every stage")
+    return p.parse_args(argv)
+
+
+def stage_overrides(args: argparse.Namespace) -> list[str]:
+    return ([f"stage.data={args.data}"] if args.data else []) + list(args.set)
+
+
+def load_stage(path: str, overrides: list[str]) -> Config:
+    merged: dict = {}
+    for item in overrides:
+        merged = merge(merged, parse_override(item))
+    return load_config(path, merged)
+
+
+def is_exported(directory: Path) -> bool:
+    return (directory / MODEL_FILE).is_file() and (directory / CONFIG_FILE).is_file()
+
+
+def ensure_builtin_data(cfg: Config) -> None:
+    """Build the built-in emoji set when a stage asks for it and it is not there yet."""
+    shards = Path(cfg.stage.data)
+    if shards.resolve() == (BUILTIN_DATA / "shards").resolve() and not (shards / "manifest.json").is_file():
+        from sedit.data.builtin import build
+
+        print(f"building the built-in dataset in {BUILTIN_DATA} (once; a few minutes on a CPU) ...", flush=True)
+        build(BUILTIN_DATA)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stage_command(args: argparse.Namespace, cfg: Config, config: str, out: Path, overrides: list[str], gpus: int):
+    ds = args.ds or str(ROOT / "ds_configs" / default_ds_config(gpus))
+    ep = args.ep or math.gcd(gpus, cfg.model.num_experts)  # experts spread over as many processes as divide them
+    stage = [str(ROOT / "launch" / "stage.py"), "--config", config, "--ds", ds, "--out", str(out), "--resume", "auto"]
+    stage += [f"--set={item}" for item in overrides] + ["--ep", str(ep)]
+    if gpus > 1:
+        runner = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus)]
+        return runner + ["--master_port", str(free_port()), *stage]
+    return [sys.executable, *stage]
+
+
+def stage_env(gpus: int) -> dict[str, str]:
+    env = dict(os.environ)
+    if gpus == 1:  # one process, no launcher: give torch.distributed its rendezvous
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if not gpu_count():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def default_ds_config(processes: int) -> str:
+    """ZeRO-3 + expert parallelism across GPUs; ZeRO-2 on one GPU (nothing to partition, fewer hooks); fp32 on a CPU."""
+    if not gpu_count():
+        return "cpu.json"
+    return "zero3.json" if processes > 1 else "zero2_ep.json"
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    gpus = args.gpus or max(1, gpu_count())
+    common = stage_overrides(args)
+    previous: Path | None = None
+    done: list[tuple[Config, Path]] = []
+    for config in args.configs:
+        overrides = common + ([f"stage.init_from={previous}"] if previous else [])
+        cfg = load_stage(config, overrides)
+        stage_dir = out / cfg.stage.name
+        final = stage_dir / "final"
+        if is_exported(final):
+            print(f"== {cfg.stage.name}: already finished ({final}); skipped", flush=True)
+        else:
+            ensure_builtin_data(cfg)
+            what = "resuming" if (stage_dir / "checkpoints").is_dir() else "starting"
+            print(f"== {cfg.stage.name}: {what} ({config}, {gpus} process(es)) -> {stage_dir}", flush=True)
+            started = time.time()
+            code = subprocess.run(
+                stage_command(args, cfg, config, stage_dir, overrides, gpus), env=stage_env(gpus)
+            ).returncode
+            if code != 0:
+                print(f"== {cfg.stage.name}: stopped with exit status {code}; rerun the same command to resume")
+                return code
+            print(f"== {cfg.stage.name}: done in {time.time() - started:.0f} s", flush=True)
+        done.append((cfg, stage_dir))
+        previous = final
+    from sedit.pipeline_report import write_report
+
+    report = write_report(out, done, REPORT_PROMPTS)
+    print(f"report: {report}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))

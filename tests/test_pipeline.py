@@ -1,0 +1,73 @@
+"""launch/pipeline.py: four tiny stages on the built-in data, each from the previous one's final weights."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from PIL import Image
+from train_helpers import ROOT, one_process_env, records
+
+from sedit.checkpoint import EMA_FILE, MODEL_FILE, load_consolidated
+
+STAGES = ["tiny-stage1", "tiny-stage2", "tiny-stage3", "tiny-stage4"]
+
+
+def pipeline(out, data, *extra):
+    short = ["steps=4", "micro_batch=4", "global_batch=4", "checkpoint_every=2", "sample_every=2", "sample_count=4"]
+    short += ["log_every=1", "warmup_steps=1"]
+    cmd = [sys.executable, str(ROOT / "launch" / "pipeline.py"), "--data", str(data), "--out", str(out)]
+    cmd += [f"--set=stage.{s}" for s in short] + list(extra)
+    env = one_process_env(WANDB_MODE="offline")  # the default logging path, kept on this machine
+    env.pop("RANK")  # the pipeline sets up each stage's processes itself
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+
+
+def test_four_stages_chain_resume_and_report(tmp_path, builtin_small):
+    run = pipeline(tmp_path, builtin_small)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for k, name in enumerate(STAGES):
+        stage = tmp_path / name
+        assert [r["step"] for r in records(stage)] == [1, 2, 3, 4]
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(stage))
+        net, cfg = load_consolidated(stage / "final")
+        assert cfg.stage.resolution == (32 if k < 2 else 64)
+        assert cfg.stage.init_from == ("" if k == 0 else str(tmp_path / STAGES[k - 1] / "final"))
+        grids = sorted(p.name for p in (stage / "samples").glob("*.png"))
+        assert grids == ["step_0000002.png", "step_0000004.png"]
+        assert list((stage / "wandb").glob("offline-run-*")), "wandb offline files under the run"
+    # stage 3 keeps an EMA: its checkpoints hold both weights, its final export is the EMA
+    export = tmp_path / "tiny-stage3" / "checkpoints" / "step_0000004" / "export"
+    assert (export / MODEL_FILE).is_file() and (export / EMA_FILE).is_file()
+    final, _ = load_consolidated(tmp_path / "tiny-stage3" / "final")
+    ema, _ = load_consolidated(export, weights_file=EMA_FILE)
+    raw, _ = load_consolidated(export)
+    name = "final.linear.weight"
+    assert torch.equal(final.state_dict()[name], ema.state_dict()[name])
+    assert not torch.equal(final.state_dict()[name], raw.state_dict()[name])
+    assert "initialised from" in run.stdout or "initialised from" in run.stderr
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [r["stage"] for r in report] == STAGES
+    assert [r["final_weights"] for r in report] == ["raw", "raw", "ema", "ema"]
+    for row in report:
+        grid = Image.open(tmp_path / row["grid"])
+        assert min(grid.size) >= 2 * 64 and row["images_per_s"] > 0 and row["seconds"] > 0  # 2x2 grid of 4
+    assert "| tiny-stage4 | 64 | 0.0 | 4 |" in (tmp_path / "report.md").read_text()
+
+    again = pipeline(tmp_path, builtin_small)  # everything is done: every stage is skipped
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already finished") == 4
+
+
+def test_a_half_finished_stage_resumes(tmp_path, builtin_small):
+    first = pipeline(tmp_path, builtin_small, "--configs", str(ROOT / "configs/tiny/stage1.yaml"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    stage = tmp_path / "tiny-stage1"
+    import shutil
+
+    shutil.rmtree(stage / "final")  # as if the run died after its last checkpoint
+    again = pipeline(tmp_path, builtin_small, "--configs", str(ROOT / "configs/tiny/stage1.yaml"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "tiny-stage1: resuming" in again.stdout and (stage / "final" / MODEL_FILE).is_file()
+    assert [r["step"] for r in records(stage)] == [1, 2, 3, 4]

@@ -1,0 +1,152 @@
+"""The stage trainer on prepared data: exact resume after a kill, corrupt-checkpoint fallback, NaN stop."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from train_helpers import curve, one_process_env, records, run_stage, stage_command
+
+from sedit.checkpoint import export_consolidated, load_consolidated
+from sedit.config import ConfigError, build_config, load_config
+from sedit.stage_data import check_prepared
+from sedit.train import DIVERGED_EXIT, check_init_from
+
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def settings(builtin_small):
+    """A short stage at constant lr (so a longer rerun repeats the same steps exactly)."""
+    return {
+        "data": builtin_small,
+        "steps": STEPS,
+        "micro_batch": 8,
+        "global_batch": 8,
+        "lr": 2e-3,
+        "lr_final": 2e-3,
+        "warmup_steps": 0,
+        "log_every": 1,
+        "checkpoint_every": 4,
+        "sample_every": 0,
+        "num_workers": 1,
+        "shuffle_buffer": 16,
+    }
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, settings):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run = run_stage(out, settings)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+def test_a_stage_logs_checkpoints_and_exports(uninterrupted):
+    logged = records(uninterrupted)
+    assert [r["step"] for r in logged] == list(range(1, STEPS + 1))
+    losses = [r["loss"] for r in logged]
+    assert sum(losses[-8:]) < sum(losses[:8])  # single-batch losses are noisy; their means fall
+    last = logged[-1]
+    for key in ("lr", "grad_norm", "images_per_s", "moe/router_entropy", "moe/dropped_fraction", "mem/rss_peak_gib"):
+        assert key in last and last[key] == last[key], key  # present and not NaN
+    assert 0 < last["moe/router_entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
+    assert last["data/failed_shards"] == 0 and last["data/missing_samples"] == 0
+    kept = sorted(p.name for p in (uninterrupted / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["step_0000020", "step_0000024"]  # keep_checkpoints: 2
+    assert (uninterrupted / "checkpoints" / "latest").read_text() == "step_0000024"
+    net, cfg = load_consolidated(uninterrupted / "final")
+    again, _ = load_consolidated(uninterrupted / "checkpoints" / "step_0000024" / "export")
+    for (name, a), (_, b) in zip(net.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name  # no EMA: the final export is the last checkpoint's raw weights
+
+
+def test_killed_run_resumes_with_the_same_loss_curve(tmp_path, settings, uninterrupted):
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        stage_command(run_dir, settings), env=one_process_env(), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while not latest.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: loader workers die too
+    proc.wait()
+    assert latest.is_file() and not (run_dir / "final").exists(), "the run should die between checkpoints"
+    killed_at = int(latest.read_text().split("_")[1])
+
+    resumed = run_stage(run_dir, settings)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {killed_at}" in resumed.stdout
+    assert curve(run_dir) == curve(uninterrupted)  # bit-exact: same batches, noise, masks, optimizer state
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, settings, uninterrupted):
+    import shutil
+
+    run_dir = tmp_path / "corrupt"
+    shutil.copytree(uninterrupted, run_dir)
+    newest = run_dir / "checkpoints" / "step_0000024"
+    victim = max((p for p in newest.rglob("*.pt")), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a disk that filled up mid-write
+
+    longer = run_stage(run_dir, {**settings, "steps": STEPS + 4})
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "step_0000024 is not intact" in longer.stdout and "truncated" in longer.stdout
+    assert "at step 20" in longer.stdout
+    redone = [c for c in curve(run_dir) if 20 < c[0] <= STEPS]
+    assert redone == [c for c in curve(uninterrupted) if c[0] > 20]  # steps 21-24 again, identically
+    assert [c[0] for c in curve(run_dir)] == list(range(1, STEPS + 5))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, settings):
+    run = run_stage(tmp_path, {**settings, "steps": 12, "lr": 1e30, "lr_final": 1e30, "checkpoint_every": 1})
+    assert run.returncode == DIVERGED_EXIT, run.stderr[-3000:]
+    assert "loss is nan" in run.stderr or "loss is inf" in run.stderr
+    last_good = (tmp_path / "checkpoints" / "latest").read_text()
+    diverged_at = int(last_good.split("_")[1]) + 1
+    assert f"step {diverged_at}: loss is" in run.stderr and f"Last good checkpoint: {tmp_path}" in run.stderr
+    assert not (tmp_path / "checkpoints" / f"step_{diverged_at:07d}").exists()
+    assert not (tmp_path / "final").exists()
+    assert all(r["loss"] == r["loss"] for r in records(tmp_path))  # nothing non-finite was logged
+
+
+def test_data_that_does_not_fit_the_model_is_refused_naming_both(builtin_small):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "stage1.yaml"
+    cfg = load_config(config, {"stage": {"data": str(builtin_small)}})
+    assert check_prepared(cfg)["samples"] == 48
+    short = load_config(config, {"stage": {"data": str(builtin_small)}, "model": {"caption_len": 8}})
+    with pytest.raises(ConfigError, match=r"text tokens are \(77, 32\).*model.caption_len 8"):
+        check_prepared(short)
+    with pytest.raises(ConfigError, match="no latents at stage.resolution 128"):
+        check_prepared(load_config(config, {"stage": {"data": str(builtin_small), "resolution": 128}}))
+
+
+def test_a_256_stage_export_starts_the_512_stage(tmp_path):
+    """Position embeddings are recomputed for the larger grid: no missing keys, a sensible first output."""
+    low = build_config({"preset": "tiny", "stage": {"resolution": 32, "latent_downsample": 4}})
+    torch.manual_seed(0)
+    from helpers import perturb_zero_init
+    from sedit.model import build_model
+
+    net = build_model(low.model)
+    perturb_zero_init(net, seed=0)
+    export_consolidated(net, low, tmp_path / "final")
+    high = build_config(
+        {"preset": "tiny", "stage": {"resolution": 64, "latent_downsample": 4, "init_from": str(tmp_path / "final")}}
+    )
+    check_init_from(high, "stage3.yaml")
+    loaded, _ = load_consolidated(tmp_path / "final")  # strict: raises on missing or unexpected keys
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 4, 16, 16, generator=g)  # 64px / 4 = 16x16 latents: 64 tokens instead of 16
+    captions = torch.randn(4, high.model.caption_len, high.model.caption_dim, generator=g)
+    with torch.no_grad():
+        out = loaded(x, torch.full((4,), 0.5), captions)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert out.std() > 1e-3 and (out[0] - out[1]).abs().mean() > 1e-4  # not constant, depends on the input
+    assert loaded.pos_embed.shape[0] == 64  # the 8x8 token grid, recomputed
