@@ -11,8 +11,9 @@ C = 3 (RGB, averaged to gray) or 1, any H = W (resized to 28 px, bilinear with a
 
 Network (LeNet-like): conv 3x3 (1 -> w) ReLU, max-pool 2 -> conv 3x3 (w -> 2w) ReLU, max-pool 2 ->
 linear (2w * 7 * 7 -> ``feature_dim``) ReLU = features -> linear (-> 10) = logits. Training: Adam,
-cross-entropy, batches drawn in a seeded order, weights initialised from the seed; deterministic on CPU.
-Weights are saved as safetensors with the network's sizes and the training report in its metadata.
+cross-entropy, batches drawn in a seeded order, weights initialised from the seed: deterministic on CPU
+for a given thread count. Weights are saved as safetensors, with the network's sizes and the training
+report in the metadata.
 """
 
 from __future__ import annotations
