@@ -12,6 +12,8 @@ Steps (each is skipped when its output already exists, so a rerun is cheap):
    about 1.5 minutes on two CPU cores; downsampling 4, 4 channels);
 4. ``shards/``: ``sedit.data.prepare`` on ``images/`` at 32 and 64 px, giving 8x8 and 16x16 latents,
    the ``tiny`` preset's 256px- and 512px-equivalent grids.
+
+Steps 2-4 are ``prepare_with_tiny_encoders``, which ``sedit.data.fashion_mnist`` uses too.
 """
 
 from __future__ import annotations
@@ -40,19 +42,41 @@ def build(
 ) -> dict:
     """Run the four steps into ``out``; return the prepared folder's manifest."""
     out = Path(out)
-    images, text, vae = out / "images", out / "encoders" / "text", out / "encoders" / "vae"
-    info = out / "emoji.json"
+    images, info = out / "images", out / "emoji.json"
     if not info.is_file():
         count = emoji.materialise(images, font)
         license_note = "SIL Open Font License 1.1 (Noto Color Emoji, Debian fonts-noto-color-emoji)"
         about = {"samples": count, "font": str(font), "license": license_note, "captions": "unicodedata.name"}
         info.write_text(json.dumps(about, indent=2) + "\n")
+    source = {"kind": "builtin-emoji", "font": Path(font).name}
+    return prepare_with_tiny_encoders(
+        images, out, source, vae_steps=vae_steps, limit=limit, shard_size=shard_size, workers=workers, progress=progress
+    )
+
+
+def prepare_with_tiny_encoders(
+    images: str | Path,
+    out: str | Path,
+    source: dict,
+    vae_steps: int = 700,
+    vae_images: int | None = None,
+    limit: int | None = None,
+    shard_size: int = 128,
+    workers: int = 2,
+    progress: bool = True,
+) -> dict:
+    """Steps 2-4 for any folder of captioned images: ``out/encoders/text`` (tiny OpenCLIP),
+    ``out/encoders/vae`` (tiny VAE trained on the folder's first ``vae_images`` images, all by default)
+    and ``out/shards`` at ``RESOLUTIONS``; each step is skipped when its output exists. Returns the
+    manifest; ``source`` is recorded in it."""
+    out = Path(out)
+    text, vae = out / "encoders" / "text", out / "encoders" / "vae"
     if not (text / "open_clip_config.json").is_file():
         save_tiny_text_encoder(text, width=32, seed=0)
     if not (vae / "config.json").is_file():
         if progress:
             print(f"training the tiny VAE for {vae_steps} steps (cached in {vae}) ...")
-        report = train_tiny_vae(images, vae, steps=vae_steps)
+        report = train_tiny_vae(images, vae, steps=vae_steps, limit=vae_images)
         if progress:
             print(f"VAE: {report['seconds']}s, reconstruction PSNR {report['psnr_db']} dB")
     manifest = prepare(
@@ -66,7 +90,7 @@ def build(
         limit=limit,
         workers=workers,
         device="cpu",
-        source={"kind": "builtin-emoji", "font": Path(font).name},
+        source=source,
         progress=progress,
     )
     assert manifest is not None  # one process: every shard is finished here

@@ -61,10 +61,12 @@ def train_tiny_vae(
     lr: float = 3e-3,
     kl_weight: float = 1e-6,
     seed: int = 0,
+    limit: int | None = None,
 ) -> dict:
-    """Train, calibrate ``scaling_factor``, save to ``out``; return the report."""
+    """Train on the folder's first ``limit`` images (all by default), calibrate ``scaling_factor`` on
+    them, save to ``out``; return the report."""
     start = time.time()
-    pixels = load_pixels(image_dir, resolution)  # (N, 3, R, R)
+    pixels = load_pixels(image_dir, resolution, limit)  # (N, 3, R, R)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -117,9 +119,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine decay to 0)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, help="train on the folder's first N images only")
     args = parser.parse_args(argv)
     report = train_tiny_vae(
-        args.images, args.out, args.steps, args.resolution, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+        args.images,
+        args.out,
+        args.steps,
+        args.resolution,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        limit=args.limit,
     )
     print(json.dumps(report, indent=2))
     return report

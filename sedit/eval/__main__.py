@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-TOOLS = ("generate", "fid", "clip_score", "report", "weights")
+TOOLS = ("generate", "fid", "clip_score", "report", "weights", "classifier")
 
 
 def main() -> None:
