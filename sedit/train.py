@@ -108,6 +108,10 @@ def run_stage(args: Namespace) -> int:
         return Stage(cfg, ds, out, device, stop, resume=args.resume == "auto").run()
     finally:
         stop.restore()
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()  # before interpreter shutdown, where teardown order is not ours
 
 
 class Stage:

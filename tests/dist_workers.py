@@ -31,9 +31,12 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
     torch.set_num_threads(1)
     import deepspeed
+    import torch.distributed as dist
 
     deepspeed.init_distributed(dist_backend="gloo")
     fn(rank, world, *args)
+    dist.barrier()
+    dist.destroy_process_group()  # tear gloo down before exit, not in interpreter shutdown
 
 
 def run_spawn(fn, world: int, *args) -> None:
