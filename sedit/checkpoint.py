@@ -29,6 +29,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from sedit import checkpoint_integrity as integrity
+from sedit import distributed
 from sedit.config import Config, build_config, to_dict
 from sedit.files import atomic_write_text
 from sedit.model import SparseDiT, build_model
@@ -66,13 +67,13 @@ def save_training_state(
     """
     directory = Path(directory)
     final, tmp = directory / tag, directory / f"{tag}.tmp"
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = integrity.rank_and_world()[0]
     engine.save_checkpoint(str(directory), tag=tmp.name, client_state=client_state, save_latest=False)
     if rank_state is not None:
         torch.save(rank_state, tmp / rank_state_file(rank))
     if export is not None:
         export(tmp / "export")
-    _barrier()
+    distributed.barrier()
     integrity.write_manifest(tmp, {"tag": tag, **client_state})
     if rank == 0:
         if final.exists():
@@ -81,7 +82,7 @@ def save_training_state(
         atomic_write_text(directory / "latest", tag)
         if keep is not None:
             integrity.prune(directory, keep)
-    _barrier()
+    distributed.barrier()
     return final
 
 
@@ -96,16 +97,11 @@ def load_training_state(engine, directory: str | Path, tag: str | None = None) -
     if path is None:
         raise FileNotFoundError(f"{directory / tag}: no DeepSpeed checkpoint could be loaded")
     client_state = dict(client_state or {})
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = integrity.rank_and_world()[0]
     state_file = directory / tag / rank_state_file(rank)
     if state_file.is_file():
         client_state["rank_state"] = torch.load(state_file, map_location="cpu", weights_only=True)
     return client_state
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,7 +158,7 @@ def export_consolidated(
         file: consolidated_state_dict(net, value) for file, value in (weights or {MODEL_FILE: master_value}).items()
     }
     directory = Path(directory)
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if integrity.rank_and_world()[0] != 0:
         return None
     directory.mkdir(parents=True, exist_ok=True)
     for file, state in states.items():

@@ -27,14 +27,15 @@ def tag_for(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """This process's place in the process group (0 of 1 without one), as the collectives here see it."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def _all_gather(obj) -> list:
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     if world == 1:
         return [obj]
     out: list = [None] * world
@@ -56,7 +57,7 @@ def _files(directory: Path) -> list[str]:
 
 def write_manifest(directory: Path, info: dict) -> None:
     """Hash every file under ``directory`` (shared over ranks) and write ``MANIFEST`` (collective)."""
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     names = _files(directory)  # every rank sees the same listing once all have written
     mine = {n: {"bytes": (directory / n).stat().st_size, "sha256": _sha256(directory / n)} for n in names[rank::world]}
     files = {k: v for part in _all_gather(mine) for k, v in part.items()}
@@ -72,7 +73,7 @@ def checkpoint_info(directory: Path) -> dict:
 
 def problem(directory: Path) -> str | None:
     """Why ``directory`` is not an intact checkpoint, or None (collective)."""
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     manifest_path = directory / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())

@@ -87,8 +87,8 @@ class EMA:
         else:
             torch._foreach_lerp_(averages, current, 1.0 - self.decay)
 
-    def full_value(self, name: str) -> torch.Tensor:
-        """The whole averaged parameter ``name`` in fp32 (collective under ZeRO)."""
+    def full_value(self, name: str, _param: nn.Parameter | None = None) -> torch.Tensor:
+        """The whole averaged parameter ``name`` in fp32 (collective under ZeRO); an export's value function."""
         return self.masters[name].assemble(self.average[name])
 
     def state_dict(self) -> dict:

@@ -148,7 +148,7 @@ class Stage:
         self.log = MetricsLog(out, cfg, start_step=self.step, total_steps=stage.steps, main=self.rank == 0)
         accum = self.engine.gradient_accumulation_steps()
         distributed.print0(
-            f"stage {stage.name}: world {self.world}, expert-parallel {ep_size_of(ds)}, micro-batch "
+            f"stage {stage.name}: world {self.world}, expert-parallel {self.ep}, micro-batch "
             f"{stage.micro_batch}, accumulation {accum}, global batch {stage.micro_batch * self.world * accum}, "
             f"steps {self.step}->{stage.steps}, EMA {stage.ema_decay or 'off'}"
         )
@@ -189,7 +189,7 @@ class Stage:
 
     def export_weights(self, final: bool) -> dict:
         """File -> value function for an export: the raw weights and the EMA, or (final) the one to use."""
-        ema = None if self.ema is None else (lambda name, _param: self.ema.full_value(name))
+        ema = None if self.ema is None else self.ema.full_value
         if final:
             return {MODEL_FILE: ema or master_value}
         return {MODEL_FILE: master_value} | ({EMA_FILE: ema} if ema else {})

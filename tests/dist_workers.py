@@ -318,7 +318,7 @@ def engine_ema(rank: int, world: int, ds_name: str, out: Path) -> None:
             expected = whole
         else:
             expected = {k: decay * expected[k] + (1 - decay) * whole[k] for k in whole}
-    averaged = consolidated_state_dict(net, lambda name, _p: ema.full_value(name))
+    averaged = consolidated_state_dict(net, ema.full_value)
     raw = consolidated_state_dict(net)
     errors = {k: (averaged[k] - expected[k]).abs().max().item() for k in expected}
     moved = max((averaged[k] - raw[k]).abs().max().item() for k in raw)
