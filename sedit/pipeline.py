@@ -14,8 +14,10 @@ stage the loss, time and throughput and shows a sample grid made from the final 
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,11 +26,14 @@ from pathlib import Path
 
 from sedit.checkpoint import CONFIG_FILE, MODEL_FILE
 from sedit.config import Config, load_config, merge, parse_override
+from sedit.preemption import STOP_SIGNALS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = [f"configs/tiny/stage{k}.yaml" for k in (1, 2, 3, 4)]
-BUILTIN_DATA = Path("data/emoji")  # sedit.data.builtin's default output; shards in BUILTIN_DATA/shards
-REPORT_PROMPTS = 8
+BUILTIN_DATA = {  # default outputs of the built-in dataset builders (shards in DIR/shards)
+    Path("data/emoji"): "sedit.data.builtin",
+    Path("data/fmnist"): "sedit.data.fashion_mnist",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,13 +66,14 @@ def is_exported(directory: Path) -> bool:
 
 
 def ensure_builtin_data(cfg: Config) -> None:
-    """Build the built-in emoji set when a stage asks for it and it is not there yet."""
+    """Build a built-in dataset (emoji, Fashion-MNIST) when a stage asks for it and it is not there yet."""
     shards = Path(cfg.stage.data)
-    if shards.resolve() == (BUILTIN_DATA / "shards").resolve() and not (shards / "manifest.json").is_file():
-        from sedit.data.builtin import build
-
-        print(f"building the built-in dataset in {BUILTIN_DATA} (once; a few minutes on a CPU) ...", flush=True)
-        build(BUILTIN_DATA)
+    if (shards / "manifest.json").is_file():
+        return
+    for folder, module in BUILTIN_DATA.items():
+        if shards.resolve() == (folder / "shards").resolve():
+            print(f"building the built-in dataset in {folder} (once; minutes on a CPU) ...", flush=True)
+            importlib.import_module(module).build(folder)
 
 
 def free_port() -> int:
@@ -110,6 +116,21 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def run_forwarding_stop_signals(command: list[str], gpus: int) -> int:
+    """Run one stage and wait for it. SIGTERM or SIGUSR1 sent to the pipeline (a scheduler, ``timeout``)
+    is passed on to the stage process: a single-process stage stops after its current step, writes a
+    checkpoint and exits with ``preemption.REQUEUE_EXIT``; the pipeline then exits with that status and
+    a rerun resumes. With ``--gpus N`` the child is DeepSpeed's launcher, which kills its ranks on
+    SIGTERM without a checkpoint: there, signal the ranks themselves (as launch/slurm does)."""
+    child = subprocess.Popen(command, env=stage_env(gpus))
+    forward = {sig: signal.signal(sig, lambda signum, _frame: child.send_signal(signum)) for sig in STOP_SIGNALS}
+    try:
+        return child.wait()
+    finally:
+        for sig, previous in forward.items():
+            signal.signal(sig, previous)
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     gpus = args.gpus or max(1, gpu_count())
@@ -128,9 +149,7 @@ def run(args: argparse.Namespace) -> int:
             what = "resuming" if (stage_dir / "checkpoints").is_dir() else "starting"
             print(f"== {cfg.stage.name}: {what} ({config}, {gpus} process(es)) -> {stage_dir}", flush=True)
             started = time.time()
-            code = subprocess.run(
-                stage_command(args, cfg, config, stage_dir, overrides, gpus), env=stage_env(gpus)
-            ).returncode
+            code = run_forwarding_stop_signals(stage_command(args, cfg, config, stage_dir, overrides, gpus), gpus)
             if code != 0:
                 print(f"== {cfg.stage.name}: stopped with exit status {code}; rerun the same command to resume")
                 return code
@@ -139,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         previous = final
     from sedit.pipeline_report import write_report
 
-    report = write_report(out, done, REPORT_PROMPTS)
+    report = write_report(out, done)
     print(f"report: {report}", flush=True)
     return 0
 

@@ -1,6 +1,7 @@
 """The stage trainer on prepared data: exact resume after a kill, corrupt-checkpoint fallback, NaN stop."""
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -11,6 +12,7 @@ from train_helpers import curve, one_process_env, records, run_stage, stage_comm
 
 from sedit.checkpoint import export_consolidated, load_consolidated
 from sedit.config import ConfigError, build_config, load_config
+from sedit.preemption import REQUEUE_EXIT
 from sedit.stage_data import check_prepared
 from sedit.train import DIVERGED_EXIT, check_init_from
 
@@ -82,6 +84,29 @@ def test_killed_run_resumes_with_the_same_loss_curve(tmp_path, settings, uninter
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {killed_at}" in resumed.stdout
     assert curve(run_dir) == curve(uninterrupted)  # bit-exact: same batches, noise, masks, optimizer state
+
+
+def test_sigterm_to_the_process_group_stops_at_a_checkpoint_and_resumes(tmp_path, settings, uninterrupted):
+    """What `timeout` and schedulers do: SIGTERM to every process of the group, loader workers too. The
+    workers ignore it; the trainer finishes its step, checkpoints and exits with REQUEUE_EXIT."""
+    run_dir = tmp_path / "stopped"
+    proc = subprocess.Popen(
+        stage_command(run_dir, settings), env=one_process_env(), start_new_session=True, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == REQUEUE_EXIT, stderr[-3000:]
+    stopped_at = int(re.search(r"stop signal: checkpoint at step (\d+) written", stdout).group(1))
+    assert stopped_at < STEPS and (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped_at:07d}"
+
+    resumed = run_stage(run_dir, settings)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert curve(run_dir) == curve(uninterrupted)
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, settings, uninterrupted):

@@ -34,6 +34,7 @@ worker that cannot read one sample in a whole epoch raises rather than spin thro
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from sedit.data import shards as fmt
 from sedit.data.topology import rank_and_world
 from sedit.edm import drop_captions
+from sedit.preemption import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +297,14 @@ class LatentStream(IterableDataset):
 # ----------------------------------------------------------------------------------------------
 
 
+def leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
+    """Loader workers ignore SIGTERM/SIGUSR1. A scheduler or ``timeout`` signals the whole process group;
+    a worker that died of it would abort the training process mid-step, before its checkpoint. The
+    training process handles the signal (``sedit.preemption``) and shuts its workers down itself."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class LatentLoader:
     """Iterable of training batches from a prepared folder, with a checkpointable position.
 
@@ -353,7 +363,13 @@ class LatentLoader:
     def __iter__(self) -> Iterator[dict]:
         self.dataset.start_states = dict(self._workers)
         self.dataset.worker_offset = self._next_worker
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            worker_init_fn=leave_stop_signals_to_the_trainer,
+        )
         for batch in loader:
             meta = batch.pop("_state")
             worker = int(meta["worker"])
