@@ -1,8 +1,9 @@
 """The pipeline's closing report: per stage its loss, time and throughput, and a grid from its final weights.
 
-``OUT/report.md`` and ``OUT/report.json``; grids in ``OUT/report/<stage>.png`` are sampled with
-``sedit.generate`` from each stage's ``final/`` export (EMA weights where the stage kept them) for the
-prompts of that stage's training-time grids, noise seeds 0..n-1, so stages compare image for image.
+``OUT/report.md`` and ``OUT/report.json``; the loss curves of all stages in ``OUT/report/losses.png``;
+grids in ``OUT/report/<stage>.png`` are sampled with ``sedit.generate`` from each stage's ``final/``
+export (EMA weights where the stage kept them) for the prompts of that stage's training-time grids,
+noise seeds 0..n-1, so stages compare image for image.
 """
 
 from __future__ import annotations
@@ -53,17 +54,44 @@ def final_grid(stage_dir: Path, out_png: Path, prompts: int) -> Path | None:
     return out_png
 
 
+def plot_losses(out_png: Path, stages: list[tuple[str, list[dict]]]) -> Path | None:
+    """Training loss against the pipeline's cumulative step, one colour per stage (None without records)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(records for _, records in stages):
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    offset = 0
+    for name, records in stages:
+        logged = [r for r in records if "loss" in r]
+        if logged:
+            ax.plot([offset + r["step"] for r in logged], [r["loss"] for r in logged], label=name, linewidth=1)
+            offset += logged[-1]["step"]
+    ax.set_xlabel("optimizer step (stages in order)")
+    ax.set_ylabel("EDM loss (logged steps)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
 def fmt(value, digits: int = 4) -> str:
     if value is None:
         return "-"
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
-def write_report(out: Path, stages: list[tuple[Config, Path]], prompts: int) -> Path:
+def write_report(out: Path, stages: list[tuple[Config, Path]]) -> Path:
     rows, lines = [], []
     for cfg, stage_dir in stages:
         numbers = stage_numbers(cfg, stage_dir)
-        grid = final_grid(stage_dir, out / "report" / f"{cfg.stage.name}.png", prompts)
+        grid = final_grid(stage_dir, out / "report" / f"{cfg.stage.name}.png", cfg.stage.sample_count)
         numbers["grid"] = str(grid.relative_to(out)) if grid else None
         rows.append(numbers)
     lines += [
@@ -79,6 +107,9 @@ def write_report(out: Path, stages: list[tuple[Config, Path]], prompts: int) -> 
             f"{fmt(r['loss_last'])} | {fmt(r['loss_last5_mean'])} | {fmt(r['seconds'], 4)} | "
             f"{fmt(r['images_per_s'], 4)} | {r['final_weights'] or '-'} |"
         )
+    curve = plot_losses(out / "report" / "losses.png", [(c.stage.name, read_records(d)) for c, d in stages])
+    if curve:
+        lines += ["", f"![training loss per stage]({curve.relative_to(out)})"]
     lines += ["", "Each grid: the stage's final weights, the prompts of its training-time grids, seeds 0..n-1.", ""]
     for r in rows:
         if r["grid"]:

@@ -64,11 +64,12 @@ def prepare_with_tiny_encoders(
     shard_size: int = 128,
     workers: int = 2,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict:
     """Steps 2-4 for any folder of captioned images: ``out/encoders/text`` (tiny OpenCLIP),
     ``out/encoders/vae`` (tiny VAE trained on the folder's first ``vae_images`` images, all by default)
     and ``out/shards`` at ``RESOLUTIONS``; each step is skipped when its output exists. Returns the
-    manifest; ``source`` is recorded in it."""
+    manifest; ``source`` is recorded in it. ``device`` runs the encoders of step 4 (the VAE trains on the CPU)."""
     out = Path(out)
     text, vae = out / "encoders" / "text", out / "encoders" / "vae"
     if not (text / "open_clip_config.json").is_file():
@@ -89,7 +90,7 @@ def prepare_with_tiny_encoders(
         batch_size=64,
         limit=limit,
         workers=workers,
-        device="cpu",
+        device=device,
         source=source,
         progress=progress,
     )

@@ -148,6 +148,7 @@ def build(
     workers: int = 2,
     root: str | Path = DEFAULT_ROOT,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict:
     """Materialise the training split (the first ``limit`` images) into ``out/images/train``, then the
     tiny encoders and shards as for the built-in set; return the shards' manifest."""
@@ -166,8 +167,9 @@ def build(
         info.write_text(json.dumps(about, indent=2) + "\n")
     source = {"kind": "fashion-mnist", "split": "train", "template": template}
     return prepare_with_tiny_encoders(
-        images, out, source, vae_steps, vae_images, shard_size=shard_size, workers=workers, progress=progress
-    )
+        images, out, source, vae_steps, vae_images, shard_size=shard_size, workers=workers, progress=progress,
+        device=device,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -184,11 +186,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shard-size", type=int, default=1000, help="inputs per shard")
     parser.add_argument("--workers", type=int, default=2, help="image decoding threads")
     parser.add_argument("--root", default=DEFAULT_ROOT, help="folder of the four gzipped IDX files")
+    parser.add_argument("--device", default="cpu", help="where the encoders run while preparing shards (cuda, cpu)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     return build(
         args.out, args.limit, args.template, args.vae_steps, args.vae_images, args.shard_size, args.workers,
-        args.root, not args.no_progress,
+        args.root, not args.no_progress, args.device,
     )  # fmt: skip
 
 
