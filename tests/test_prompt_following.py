@@ -83,10 +83,16 @@ def test_proxy_fid_is_zero_for_identical_sets_and_grows_with_distortion(splits, 
     assert classifier_metrics(blurred, images, classifier_file)["fid"] > 1.0
 
 
-def test_read_generated_names_the_file_it_refuses(tmp_path):
+def test_bad_inputs_are_refused_naming_the_file(tmp_path, classifier_file):
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="other.npz: not a file written by"):
         pf.read_generated(tmp_path / "other.npz")
+    score = ["score", "--classifier", str(classifier_file), "--out", str(tmp_path / "s.json")]
+    with pytest.raises(SystemExit, match="error: .*other.npz: not a file written by"):
+        pf.main([*score, "--generated", str(tmp_path / "other.npz")])
+    good = write_generated(tmp_path / "good.npz", {"guided_w1": np.zeros((20, 28, 28), np.uint8)}, 2)
+    with pytest.raises(ValueError, match="good.npz: no setting 'guided_w9'"):  # before any Inception work
+        pf.score(good, classifier_file, inception=True, inception_settings=["guided_w9"])
     bad = write_generated(tmp_path / "bad.npz", {"guided_w1": np.zeros((20, 32, 32), np.uint8)}, 2)
     with pytest.raises(ValueError, match="bad.npz: setting 'guided_w1' has shape"):
         pf.read_generated(bad)

@@ -250,13 +250,21 @@ def score(
     inception_weights: str | Path | None = None,
     inception: bool = False,
     shuffle_seed: int = 0,
+    reference_images: int | None = None,
+    inception_settings: list[str] | None = None,
 ) -> dict:
-    """The score table of a ``generate`` file (see the module docstring)."""
+    """The score table of a ``generate`` file (see the module docstring); FID/KID against the first
+    ``reference_images`` test images (all 10,000 by default); Inception FID/KID for the settings in
+    ``inception_settings`` (all by default) when ``inception`` is set."""
     from sedit.eval.classifier import load_classifier
 
     classifier = load_classifier(classifier_file)
     images, labels, about = read_generated(generated)
-    test_images, _ = fashion_mnist.load_split("test", root)
+    test_images = fashion_mnist.load_split("test", root)[0][:reference_images]
+    inception_names = (inception_settings or list(images)) if inception else []
+    unknown = [name for name in inception_names if name not in images]
+    if unknown:
+        raise ValueError(f"{generated}: no setting {unknown[0]!r} (it has {', '.join(images)})")
     rows = {name: accuracy_row(classifier, x, labels) for name, x in images.items()}
     guided = [name for name in images if name.startswith("guided_w")]
     if guided:
@@ -266,9 +274,8 @@ def score(
     with tempfile.TemporaryDirectory() as cache:
         for name, x in images.items():
             rows[name]["classifier_space"] = classifier_metrics(x, test_images, classifier_file, cache)
-    for name, x in images.items():
-        if inception:
-            rows[name]["inception"] = inception_metrics(x, test_images, inception_weights)
+    for name in inception_names:
+        rows[name]["inception"] = inception_metrics(images[name], test_images, inception_weights)
     return {
         "generated": str(generated),
         "generation": about,
@@ -326,7 +333,7 @@ def markdown_table(scores: dict) -> str:
     lo, hi = scores["chance_band_3sigma"]
     lines = [
         f"{scores['images_per_setting']} images per row; chance 10% (3-sigma band {100 * lo:.1f}-{100 * hi:.1f}%); "
-        f"FID/KID against the {scores['reference']['images']} test images",
+        f"FID/KID against the first {scores['reference']['images']} test images",
         "",
         "| setting | prompt following (classifier accuracy) | proxy FID (classifier) | proxy KID "
         "| Inception FID | Inception KID |",
@@ -380,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", default=fashion_mnist.DEFAULT_ROOT, help="dataset folder (the test split)")
     s.add_argument("--inception", action="store_true", help="also Inception FID/KID (CPU: minutes)")
     s.add_argument("--inception-weights", default=None, help="converted Inception file (sedit.eval.weights)")
+    s.add_argument("--inception-settings", nargs="+", default=None, help="Inception only for these (default: all)")
+    s.add_argument("--reference-images", type=int, default=None, help="first N test images (default: all)")
     s.add_argument("--out", required=True, help="JSON report; a markdown table is written beside it")
     c = sub.add_parser("check", help="exit 1 unless guided accuracy beats unconditional by --margin")
     c.add_argument("--scores", required=True, help="JSON written by score")
@@ -389,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return run_command(args)
+    except (FileNotFoundError, ValueError) as err:  # bad input: one line naming the file, no traceback
+        raise SystemExit(f"error: {err}") from None
+
+
+def run_command(args: argparse.Namespace) -> int:
     if args.command == "generate":
         print(f"wrote {generate(args)}")
         return 0
@@ -397,7 +413,10 @@ def main(argv: list[str] | None = None) -> int:
             from sedit.eval.weights import require_inception
 
             require_inception(args.inception_weights)  # fail before any work
-        report = score(args.generated, args.classifier, args.root, args.inception_weights, args.inception)
+        report = score(
+            args.generated, args.classifier, args.root, args.inception_weights, args.inception,
+            reference_images=args.reference_images, inception_settings=args.inception_settings,
+        )  # fmt: skip
         out = write_json(args.out, report)
         table = Path(out).with_suffix(".md")
         table.write_text(markdown_table(report))
