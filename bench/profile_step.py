@@ -17,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train_step import make_step, stage_config  # noqa: E402
 
+from sedit import distributed  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,11 +32,8 @@ def main() -> None:
     parser.add_argument("--ep", type=int, default=None)
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
-    device = torch.device("cuda")
-    if args.ds:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl")
+    distributed.apply_launcher_env(args.local_rank)
+    device = distributed.start() if args.ds else torch.device("cuda")
     cfg = stage_config(args.preset, args.stage, args.micro_batch, 1)
     step, setup = make_step(cfg, args, device)
     for _ in range(4):

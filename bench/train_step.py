@@ -108,6 +108,16 @@ def make_step(cfg, args, device):
     return step, "single GPU, bf16 autocast, fused AdamW" + (", torch.compile" if args.compile else "")
 
 
+def peak_memory_per_rank(device) -> list[float]:
+    """Peak allocated GiB of every rank (expert-parallel ranks hold different experts)."""
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
+    if not torch.distributed.is_initialized():
+        return [peak.item()]
+    gathered = [torch.empty_like(peak) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, peak)
+    return [round(t.item(), 2) for t in gathered]
+
+
 def bench_stage(stage: int, args, device, ceiling: float) -> dict:
     world = distributed.world_size()
     cfg = stage_config(args.preset, stage, args.micro_batch, world)
@@ -128,6 +138,7 @@ def bench_stage(stage: int, args, device, ceiling: float) -> dict:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     median = statistics.median(times)
+    peaks = peak_memory_per_rank(device)
     flops = train_flops_per_image(cfg.model, cfg.stage.resolution // 8, cfg.stage.mask_ratio)
     per_gpu = cfg.stage.micro_batch / median
     return {
@@ -145,7 +156,8 @@ def bench_stage(stage: int, args, device, ceiling: float) -> dict:
         "train_gflop_per_image": flops / 1e9,
         "mfu": per_gpu * flops / ceiling,
         "matmul_ceiling_tflops": ceiling / 1e12,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+        "peak_memory_gib": max(peaks),
+        "peak_memory_gib_per_rank": peaks,
         "warmup_and_compile_s": warm_s,
         "final_loss": float(losses[-1]),
         "torch": torch.__version__,
@@ -154,13 +166,17 @@ def bench_stage(stage: int, args, device, ceiling: float) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| stage | res | mask | micro-batch | GPUs | setup | step ms | img/s/GPU | GFLOP/img | MFU | peak GiB |"
+    head = (
+        "| stage | res | mask | micro-batch | GPUs | setup | step ms | img/s/GPU | GFLOP/img | MFU | peak GiB by rank |"
+    )
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(
             f"| {r['stage']} | {r['resolution']} | {r['mask_ratio']} | {r['micro_batch']} | {r['world_size']} | "
             f"{r['setup']} | {1e3 * r['step_s_median']:.1f} | {r['images_per_s_per_gpu']:.0f} | "
-            f"{r['train_gflop_per_image']:.0f} | {100 * r['mfu']:.1f}% | {r['peak_memory_gib']:.1f} |"
+            f"{r['train_gflop_per_image']:.0f} | {100 * r['mfu']:.1f}% | "
+            + " / ".join(f"{gib:.1f}" for gib in r["peak_memory_gib_per_rank"])
+            + " |"
         )
     return "\n".join(lines)
 
@@ -179,11 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args(argv)
     distributed.apply_launcher_env(args.local_rank)
-    if args.ds:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl")
-    device = distributed.device()
+    device = distributed.start() if args.ds else distributed.device()
     torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True
     ceiling = matmul_ceiling(device)

@@ -87,6 +87,21 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def start() -> torch.device:
+    """Join the launcher's process group on this rank's device and return the device.
+
+    The GPU is bound first: NCCL collectives (``all_gather_object`` included) run on the current CUDA
+    device, and a rank that has not bound its own GPU sends from cuda:0, which NCCL refuses.
+    """
+    import deepspeed
+
+    here = device()
+    if here.type == "cuda":
+        torch.cuda.set_device(here)
+    deepspeed.init_distributed(dist_backend="nccl" if here.type == "cuda" else "gloo")
+    return here
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -88,17 +88,12 @@ def run_stage(args: Namespace) -> int:
         distributed.print0(json.dumps(ds, indent=2))
         return 0
 
-    import deepspeed
-
     # DeepSpeed 0.19.8 calls collectives torch has renamed; the warning repeats every step and says nothing to users
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     stop = StopRequest().install()  # before the slow start-up, so an early signal is not fatal
-    deepspeed.init_distributed(dist_backend="gloo" if distributed.device().type == "cpu" else "nccl")
+    device = distributed.start()
     distributed.print0(json.dumps({"ranks": distributed.describe_ranks()}))
     rank = distributed.rank()
-    device = distributed.device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
