@@ -116,6 +116,11 @@ def label_of(name: str) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def upscale(image: np.ndarray, size: int = SIZE) -> Image.Image:
+    """One 28 x 28 uint8 image as a ``size`` px gray PIL image (bicubic): how the caption folder stores it."""
+    return Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC)
+
+
 def materialise(
     out: str | Path,
     split: str = "train",
@@ -132,8 +137,7 @@ def materialise(
     count = len(images) if limit is None else min(limit, len(images))
     for index in range(count):
         name, label = sample_name(split, index, int(labels[index])), int(labels[index])
-        picture = Image.fromarray(images[index]).resize((size, size), Image.Resampling.BICUBIC)
-        picture.convert("RGB").save(out / f"{name}.png")
+        upscale(images[index], size).convert("RGB").save(out / f"{name}.png")
         (out / f"{name}.txt").write_text(caption(label, template) + "\n")
     return count
 

@@ -45,8 +45,9 @@ import torch
 
 from sedit.data import fashion_mnist
 from sedit.eval.classifier import predict, to_gray_28
-from sedit.eval.classifier_fid import classifier_metrics, uint8_to_unit
+from sedit.eval.classifier_fid import GrayImages, classifier_metrics, reference_cache_name
 from sedit.eval.files import write_json
+from sedit.eval.weights import EXTRACTOR, require_inception
 from sedit.images import save_grid
 
 CHANCE = 1.0 / len(fashion_mnist.CLASSES)
@@ -127,16 +128,11 @@ def sample_settings(
 def real_images(per_class: int, resolution: int, root: str | Path) -> tuple[np.ndarray, torch.Tensor]:
     """(the first ``per_class`` training images of each class, uint8 (N, 28, 28); the same images at
     ``resolution`` as the builder materialises them (bicubic), (N, 3, R, R) in [-1, 1])."""
-    from PIL import Image
-
     images, labels = fashion_mnist.load_split("train", root)
     picked = np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in range(len(fashion_mnist.CLASSES))])
     native = images[picked]  # (N, 28, 28)
-    upscaled = [
-        np.asarray(Image.fromarray(im).resize((resolution, resolution), Image.Resampling.BICUBIC)) for im in native
-    ]
-    pixels = torch.from_numpy(np.stack(upscaled)).float().div(127.5).sub(1.0)  # (N, R, R)
-    return native, pixels.unsqueeze(1).expand(-1, 3, -1, -1)  # (N, 3, R, R)
+    upscaled = np.stack([np.asarray(fashion_mnist.upscale(im, resolution)) for im in native])  # (N, R, R)
+    return native, fashion_mnist.to_pixels(upscaled).expand(-1, 3, -1, -1)  # (N, 3, R, R)
 
 
 def untrained_model(cfg, device: torch.device):
@@ -234,7 +230,7 @@ def chance_band(n: int, sigmas: float = 3.0) -> tuple[float, float]:
 
 def accuracy_row(classifier, images: np.ndarray, labels: np.ndarray) -> dict:
     """Accuracy, per-class accuracy and predicted-class counts of uint8 (N, 28, 28) images."""
-    predicted = predict(classifier, uint8_to_unit(torch.from_numpy(images)).unsqueeze(1)).numpy()
+    predicted = predict(classifier, fashion_mnist.to_pixels(images)).numpy()
     classes = range(len(fashion_mnist.CLASSES))
     return {
         "accuracy": float((predicted == labels).mean()),
@@ -265,6 +261,9 @@ def score(
     unknown = [name for name in inception_names if name not in images]
     if unknown:
         raise ValueError(f"{generated}: no setting {unknown[0]!r} (it has {', '.join(images)})")
+    if inception_names:
+        inception_weights = require_inception(inception_weights)
+        cache_name = reference_cache_name(test_images, inception_weights, EXTRACTOR)  # hashes the weights once
     rows = {name: accuracy_row(classifier, x, labels) for name, x in images.items()}
     guided = [name for name in images if name.startswith("guided_w")]
     if guided:
@@ -275,7 +274,7 @@ def score(
         for name, x in images.items():
             rows[name]["classifier_space"] = classifier_metrics(x, test_images, classifier_file, cache)
     for name in inception_names:
-        rows[name]["inception"] = inception_metrics(images[name], test_images, inception_weights)
+        rows[name]["inception"] = inception_metrics(images[name], test_images, inception_weights, cache_name)
     return {
         "generated": str(generated),
         "generation": about,
@@ -288,24 +287,15 @@ def score(
     }
 
 
-def inception_metrics(images: np.ndarray, reference: np.ndarray, weights: str | Path | None) -> dict[str, float]:
+def inception_metrics(images: np.ndarray, reference: np.ndarray, weights: Path, cache_name: str) -> dict[str, float]:
     """FID and KID with the 2015 Inception network (torch-fidelity), both sides 28 px gray as RGB; the
-    reference features are cached (``sedit.eval.fid``'s cache folder) under a name made from the images
-    and the weights file."""
-    from sedit.eval.classifier_fid import GrayImages, reference_cache_name
+    reference features are cached (``sedit.eval.fid``'s cache folder) as ``cache_name``."""
     from sedit.eval.fid import compute_metrics
-    from sedit.eval.weights import EXTRACTOR, require_inception
 
-    weights = require_inception(weights)
     return compute_metrics(
-        GrayImages(images),
-        GrayImages(reference),
-        images.shape[-1],
-        weights,
-        kid=True,
-        reference_cache_name=reference_cache_name(reference, weights, EXTRACTOR),
-        device="cpu",
-    )
+        GrayImages(images), GrayImages(reference), images.shape[-1], weights, kid=True,
+        reference_cache_name=cache_name, device="cpu",
+    )  # fmt: skip
 
 
 def classifier_report(path: str | Path) -> dict:
@@ -410,8 +400,6 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     if args.command == "score":
         if args.inception:
-            from sedit.eval.weights import require_inception
-
             require_inception(args.inception_weights)  # fail before any work
         report = score(
             args.generated, args.classifier, args.root, args.inception_weights, args.inception,
