@@ -3,7 +3,7 @@
 # built-in datasets, on whatever this machine has (one GPU in docs/results.md). For Fashion-MNIST it
 # then samples the prompt-following settings (sedit.eval.prompt_following generate); scoring them
 # (classifier, Inception) is a separate CPU step, see docs/results.md.
-#   bash bench/proof_of_learning.sh emoji|fmnist OUT_DIR [pipeline arguments, e.g. --set stage.steps=2]
+#   bash bench/proof_of_learning.sh emoji|iconify|fmnist OUT_DIR [pipeline arguments, e.g. --set stage.steps=2]
 # Environment:
 #   FMNIST_ROOT      folder of the four Fashion-MNIST .gz files (default: Debian's)
 #   FMNIST_LIMIT     training images to prepare (default 30000 of 60000: the build's time on the GPU machine)
@@ -14,7 +14,7 @@
 # resolved configs, and for fmnist the generated .npz with its grids); the weights stay in runs/.
 # Exit status: the pipeline's (75 = stopped at a checkpoint, run again).
 set -uo pipefail
-dataset=${1:?emoji or fmnist}
+dataset=${1:?emoji, iconify or fmnist}
 out=${2:?output dir}
 shift 2
 mkdir -p "$out"
@@ -28,6 +28,16 @@ limit=()
 prompts=()
 case $dataset in
   emoji) data=data/emoji ;;  # the pipeline builds it when missing
+  iconify)  # three styles of each concept; images and encoders may come prepared (npm is not needed then)
+    data=data/iconify
+    # grid rows: the three styles, columns: eight concepts
+    prompts=(--set stage.sample_prompts=configs/s-64px/iconify-prompts.txt --set stage.sample_count=24)
+    if [ ! -f $data/shards/manifest.json ]; then
+      start=$(date +%s)
+      python3 -m sedit.data.iconify_emoji --out $data --workers 8 --device "$device" --no-progress 2>&1 \
+        | tee "$out/build.log" || exit 1
+      echo "build_seconds $(($(date +%s) - start))" | tee -a "$out/build.log"
+    fi ;;
   fmnist)
     data=data/fmnist
     prompts=(--set stage.sample_prompts=configs/s-64px/fmnist-prompts.txt)  # one grid row per class
@@ -37,7 +47,7 @@ case $dataset in
         --workers 8 --device "$device" --no-progress 2>&1 | tee "$out/build.log" || exit 1
       echo "build_seconds $(($(date +%s) - start))" | tee -a "$out/build.log"
     fi ;;
-  *) echo "unknown dataset $dataset (emoji or fmnist)" >&2; exit 2 ;;
+  *) echo "unknown dataset $dataset (emoji, iconify or fmnist)" >&2; exit 2 ;;
 esac
 
 run=runs/$dataset-s

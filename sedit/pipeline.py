@@ -33,6 +33,7 @@ DEFAULT_CONFIGS = [f"configs/tiny/stage{k}.yaml" for k in (1, 2, 3, 4)]
 BUILTIN_DATA = {  # default outputs of the built-in dataset builders (shards in DIR/shards)
     Path("data/emoji"): "sedit.data.builtin",
     Path("data/fmnist"): "sedit.data.fashion_mnist",
+    Path("data/iconify"): "sedit.data.iconify_emoji",  # after `npm install` (package.json)
 }
 
 
@@ -66,7 +67,7 @@ def is_exported(directory: Path) -> bool:
 
 
 def ensure_builtin_data(cfg: Config) -> None:
-    """Build a built-in dataset (emoji, Fashion-MNIST) when a stage asks for it and it is not there yet."""
+    """Build a built-in dataset (emoji, three-style emoji, Fashion-MNIST) that a stage asks for and is missing."""
     shards = Path(cfg.stage.data)
     if (shards / "manifest.json").is_file():
         return

@@ -39,6 +39,7 @@ def build(
     shard_size: int = 128,
     workers: int = 2,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict:
     """Run the four steps into ``out``; return the prepared folder's manifest."""
     out = Path(out)
@@ -50,8 +51,9 @@ def build(
         info.write_text(json.dumps(about, indent=2) + "\n")
     source = {"kind": "builtin-emoji", "font": Path(font).name}
     return prepare_with_tiny_encoders(
-        images, out, source, vae_steps=vae_steps, limit=limit, shard_size=shard_size, workers=workers, progress=progress
-    )
+        images, out, source, vae_steps=vae_steps, limit=limit, shard_size=shard_size, workers=workers,
+        progress=progress, device=device,
+    )  # fmt: skip
 
 
 def prepare_with_tiny_encoders(
@@ -98,19 +100,27 @@ def prepare_with_tiny_encoders(
     return manifest
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m sedit.data.builtin", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", default="data/emoji", help="output folder")
-    parser.add_argument("--font", default=emoji.DEFAULT_FONT, help="NotoColorEmoji.ttf")
+def builder_arguments(prog: str, doc: str, out: str, shard_size: int) -> argparse.ArgumentParser:
+    """The command line every tiny-encoder dataset builder shares; each adds its own source options."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=out, help="output folder")
     parser.add_argument("--vae-steps", type=int, default=700, help="training steps of the tiny VAE")
-    parser.add_argument("--limit", type=int, help="prepare only the first N images (smoke test)")
-    parser.add_argument("--shard-size", type=int, default=128, help="inputs per shard")
+    parser.add_argument("--shard-size", type=int, default=shard_size, help="inputs per shard")
     parser.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    parser.add_argument("--device", default="cpu", help="where the encoders run while preparing shards (cuda, cpu)")
     parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = builder_arguments("python -m sedit.data.builtin", __doc__, "data/emoji", shard_size=128)
+    parser.add_argument("--font", default=emoji.DEFAULT_FONT, help="NotoColorEmoji.ttf")
+    parser.add_argument("--limit", type=int, help="prepare only the first N images (smoke test)")
     args = parser.parse_args(argv)
-    return build(args.out, args.font, args.vae_steps, args.limit, args.shard_size, args.workers, not args.no_progress)
+    return build(
+        args.out, args.font, args.vae_steps, args.limit, args.shard_size, args.workers, not args.no_progress,
+        args.device,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

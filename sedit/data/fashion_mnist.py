@@ -18,7 +18,6 @@ The command caches each step in ``--out``:
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 from pathlib import Path
@@ -177,21 +176,13 @@ def build(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m sedit.data.fashion_mnist",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--out", default="data/fmnist", help="output folder")
+    from sedit.data.builtin import builder_arguments
+
+    parser = builder_arguments("python -m sedit.data.fashion_mnist", __doc__, "data/fmnist", shard_size=1000)
     parser.add_argument("--limit", type=int, help="materialise and prepare only the first N training images")
     parser.add_argument("--template", default=TEMPLATE, help="caption template with a {name} field")
-    parser.add_argument("--vae-steps", type=int, default=700, help="training steps of the tiny VAE")
     parser.add_argument("--vae-images", type=int, default=5000, help="train the tiny VAE on the first N images")
-    parser.add_argument("--shard-size", type=int, default=1000, help="inputs per shard")
-    parser.add_argument("--workers", type=int, default=2, help="image decoding threads")
     parser.add_argument("--root", default=DEFAULT_ROOT, help="folder of the four gzipped IDX files")
-    parser.add_argument("--device", default="cpu", help="where the encoders run while preparing shards (cuda, cpu)")
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     return build(
         args.out, args.limit, args.template, args.vae_steps, args.vae_images, args.shard_size, args.workers,
