@@ -55,7 +55,7 @@ def test_four_stages_chain_resume_and_report(tmp_path, builtin_small):
         assert min(grid.size) >= 2 * 64 and row["images_per_s"] > 0 and row["seconds"] > 0  # 2x2 grid of 4
     assert "| tiny-stage4 | 64 | 0.0 | 4 |" in (tmp_path / "report.md").read_text()
     curves = Image.open(tmp_path / "report" / "losses.png")
-    assert curves.size[0] > 300 and len(set(curves.convert("L").getdata())) > 2  # drawn, not blank
+    assert curves.size[0] > 300 and len(set(curves.convert("L").tobytes())) > 2  # drawn, not blank
     assert "report/losses.png" in (tmp_path / "report.md").read_text()
 
     again = pipeline(tmp_path, builtin_small)  # everything is done: every stage is skipped
