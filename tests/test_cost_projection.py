@@ -1,0 +1,53 @@
+"""bench/cost_projection.py: the recipe's images and the measured rates give GPU-hours, days and cost."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from sedit.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("cost_projection", ROOT / "bench" / "cost_projection.py")
+cost_projection = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cost_projection)
+
+
+def write_rows(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def row(stage: int, rate: float, setup: str = "deepspeed zero2_ep.json ep=2", gpu: str = "NVIDIA H200") -> dict:
+    return {"stage": stage, "setup": setup, "gpu": gpu, "world_size": 2, "images_per_s_per_gpu": rate}
+
+
+def test_projection_follows_the_recipe_and_the_last_matching_measurement(tmp_path, capsys):
+    old = write_rows(tmp_path / "old.jsonl", [row(1, 100.0), row(2, 50.0)])
+    new = write_rows(tmp_path / "new.jsonl", [row(1, 400.0), row(1, 900.0, setup="other"), row(2, 80.0, gpu="H100")])
+    plan = cost_projection.main([old, new, "--setup", "deepspeed zero2_ep.json ep=2", "--gpu", "H200", "--gpus", "4"])
+
+    stage1 = load_config(ROOT / "configs" / "xl" / "stage1.yaml").stage
+    assert plan[0]["images"] == stage1.steps * stage1.global_batch == 250_000 * 2048
+    assert plan[0]["images_per_s_per_gpu"] == 400.0  # the newer file wins; other setups are ignored
+    assert plan[0]["gpu_hours"] == pytest.approx(512e6 / 400 / 3600)
+    assert plan[0]["days"] == pytest.approx(plan[0]["gpu_hours"] / 4 / 24)
+    assert plan[0]["cost"] == pytest.approx(plan[0]["gpu_hours"] * 2.0)
+    assert plan[1]["images_per_s_per_gpu"] == 50.0  # the H100 row does not pass --gpu H200
+    assert "gpu_hours" not in plan[2] and "gpu_hours" not in plan[3]
+    table = capsys.readouterr().out
+    assert "| 3 | 50,000 x 2,048 | 102.4M | not measured |" in table
+    assert "| total (stages 1, 2 only) |" in table
+
+
+def test_bad_lines_and_missing_setups_are_named(tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(row(1, 1.0)) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"broken.jsonl:2: not a JSON line"):
+        cost_projection.measured_rates([str(broken)], "x")
+    good = write_rows(tmp_path / "good.jsonl", [row(1, 1.0)])
+    with pytest.raises(SystemExit):
+        cost_projection.main([good, "--setup", "single GPU"])
