@@ -25,6 +25,16 @@ root_arg=()
 limit=()
 [ -n "${TIME_LIMIT:-}" ] && limit=(timeout --preserve-status --signal=TERM "$TIME_LIMIT")
 
+# Build a dataset's shards once, encoders on this machine's device, timed into build.log.
+build_once() {  # MODULE [builder arguments]
+  [ -f $data/shards/manifest.json ] && return 0
+  local start
+  start=$(date +%s)
+  python3 -m "$1" --out $data --workers 8 --device "$device" --no-progress "${@:2}" 2>&1 \
+    | tee "$out/build.log" || exit 1
+  echo "build_seconds $(($(date +%s) - start))" | tee -a "$out/build.log"
+}
+
 prompts=()
 case $dataset in
   emoji) data=data/emoji ;;  # the pipeline builds it when missing
@@ -32,21 +42,11 @@ case $dataset in
     data=data/iconify
     # grid rows: the three styles, columns: eight concepts
     prompts=(--set stage.sample_prompts=configs/s-64px/iconify-prompts.txt --set stage.sample_count=24)
-    if [ ! -f $data/shards/manifest.json ]; then
-      start=$(date +%s)
-      python3 -m sedit.data.iconify_emoji --out $data --workers 8 --device "$device" --no-progress 2>&1 \
-        | tee "$out/build.log" || exit 1
-      echo "build_seconds $(($(date +%s) - start))" | tee -a "$out/build.log"
-    fi ;;
+    build_once sedit.data.iconify_emoji ;;
   fmnist)
     data=data/fmnist
     prompts=(--set stage.sample_prompts=configs/s-64px/fmnist-prompts.txt)  # one grid row per class
-    if [ ! -f $data/shards/manifest.json ]; then
-      start=$(date +%s)
-      python3 -m sedit.data.fashion_mnist --out $data "${root_arg[@]}" --limit "${FMNIST_LIMIT:-30000}" \
-        --workers 8 --device "$device" --no-progress 2>&1 | tee "$out/build.log" || exit 1
-      echo "build_seconds $(($(date +%s) - start))" | tee -a "$out/build.log"
-    fi ;;
+    build_once sedit.data.fashion_mnist "${root_arg[@]}" --limit "${FMNIST_LIMIT:-30000}" ;;
   *) echo "unknown dataset $dataset (emoji, iconify or fmnist)" >&2; exit 2 ;;
 esac
 

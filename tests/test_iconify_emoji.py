@@ -77,3 +77,8 @@ def test_build_writes_every_style_of_each_concept_into_shards(tmp_path):
     for key, text in captions.items():
         style, name = key.split("-", 1)
         assert text == ie.caption(name, style)
+    assert ie.build(tmp_path, limit=4, vae_steps=2, shard_size=6, progress=False)["samples"] == 12  # reused
+    with pytest.raises(ValueError, match="another materialisation"):
+        ie.build(tmp_path, limit=5, progress=False)
+    with pytest.raises(ValueError, match="another materialisation"):
+        ie.build(tmp_path, styles=["noto"], limit=4, progress=False)

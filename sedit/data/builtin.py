@@ -56,6 +56,13 @@ def build(
     )  # fmt: skip
 
 
+def require_same_materialisation(info: Path, settings: dict) -> None:
+    """Refuse to reuse a folder's images that ``info`` says were written with other ``settings``."""
+    written = json.loads(info.read_text())
+    if {k: written.get(k) for k in settings} != settings:
+        raise ValueError(f"{info.parent} holds another materialisation ({info}); use a new --out folder")
+
+
 def prepare_with_tiny_encoders(
     images: str | Path,
     out: str | Path,

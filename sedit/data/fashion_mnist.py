@@ -155,15 +155,13 @@ def build(
 ) -> dict:
     """Materialise the training split (the first ``limit`` images) into ``out/images/train``, then the
     tiny encoders and shards as for the built-in set; return the shards' manifest."""
-    from sedit.data.builtin import prepare_with_tiny_encoders
+    from sedit.data.builtin import prepare_with_tiny_encoders, require_same_materialisation
 
     out = Path(out)
     images, info = out / "images" / "train", out / "fashion_mnist.json"
     about = {"split": "train", "limit": limit, "size": SIZE, "template": template, "classes": list(CLASSES)}
     if info.is_file():
-        written = json.loads(info.read_text())
-        if {k: written.get(k) for k in about} != about:
-            raise ValueError(f"{out} holds another materialisation ({info}); use a new --out folder")
+        require_same_materialisation(info, about)
     else:
         count = materialise(images, "train", limit, SIZE, template, root)
         about |= {"samples": count, "license": LICENSE, "source": str(root)}

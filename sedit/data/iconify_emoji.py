@@ -131,16 +131,20 @@ def build(
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
-    """Images (``out/images``, skipped when ``out/iconify_emoji.json`` exists), then the tiny encoders and
-    shards as for the built-in set; return the shards' manifest."""
-    from sedit.data.builtin import prepare_with_tiny_encoders
+    """Images (``out/images``, reused when ``out/iconify_emoji.json`` records the same styles, limit and
+    size, refused when it records others), then the tiny encoders and shards as for the built-in set;
+    return the shards' manifest."""
+    from sedit.data.builtin import prepare_with_tiny_encoders, require_same_materialisation
 
     out = Path(out)
     images, info = out / "images", out / "iconify_emoji.json"
-    if not info.is_file():
-        about = materialise(images, node_modules, styles, limit=limit)
+    settings = {"styles": list(styles or STYLES), "limit": limit, "size": SIZE}
+    if info.is_file():
+        require_same_materialisation(info, settings)
+    else:
+        about = settings | materialise(images, node_modules, settings["styles"], limit=limit)
         info.write_text(json.dumps(about, indent=2) + "\n")
-    source = {"kind": "iconify-emoji", "styles": json.loads(info.read_text())["styles"]}
+    source = {"kind": "iconify-emoji", "styles": settings["styles"]}
     return prepare_with_tiny_encoders(
         images, out, source, vae_steps, shard_size=shard_size, workers=workers, progress=progress, device=device
     )
