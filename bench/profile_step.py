@@ -35,17 +35,17 @@ def main() -> None:
     distributed.apply_launcher_env(args.local_rank)
     device = distributed.start() if args.ds else torch.device("cuda")
     cfg = stage_config(args.preset, args.stage, args.micro_batch, 1)
-    step, setup = make_step(cfg, args, device)
+    runner = make_step(cfg, args, device)
     for _ in range(4):
-        step()
+        runner.step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            step()
+            runner.step()
         torch.cuda.synchronize()
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
-    print(f"# {setup}, stage {args.stage}, 3 steps")
+    print(f"# {runner.setup}, stage {args.stage}, 3 steps")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     if args.trace:
         prof.export_chrome_trace(args.trace)

@@ -3,11 +3,19 @@
     python bench/train_step.py --preset XL --stages 1 2 3 4                     # one GPU, plain PyTorch
     python bench/train_step.py --preset XL --stages 1 --compile                 # with torch.compile
     deepspeed --num_gpus 2 bench/train_step.py --preset XL --ds ds_configs/zero3.json --stages 1 2
+    deepspeed --num_gpus 4 bench/train_step.py --ds ds_configs/zero2_ep.json --ep 4 \
+        --global-batch 2048 --warmup 1 --steps 3 --breakdown --moe-load   # the recipe's batch
 
 Per stage: warm-up, then the median of CUDA-event step times, images/s (per GPU and total), peak
 memory, analytic model FLOPs per image (sedit.flops) and MFU against a bf16 matmul ceiling measured
 in the same run. One JSON line per stage, then a markdown table. Stage settings (resolution, mask
 ratio, micro-batch) follow the reference measurements of DESIGN.md §5 unless --micro-batch is given.
+
+A step is one optimizer step. With --global-batch it accumulates gradients over
+global / (micro-batch x GPUs) micro-batches, as training does; every micro-step is timed too (the
+last one of a step carries the gradient reduction and the optimizer). --breakdown profiles one more
+step and splits its GPU time into compute, exposed all-to-all, exposed ZeRO collectives and idle
+(bench/step_breakdown.py), for every rank; --moe-load reports each MoE layer's expert load.
 """
 
 from __future__ import annotations
@@ -17,17 +25,27 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from step_breakdown import markdown as breakdown_markdown  # noqa: E402
+from step_breakdown import profile_breakdown  # noqa: E402
 
 from sedit import distributed  # noqa: E402
 from sedit.config import build_config  # noqa: E402
 from sedit.edm import EDMLoss, EDMPrecond  # noqa: E402
 from sedit.flops import train_flops_per_image  # noqa: E402
+from sedit.metrics import moe_layers, record_routing  # noqa: E402
 from sedit.model import build_model  # noqa: E402
+from sedit.moe.routing import expert_load, routing_stats  # noqa: E402
+
+MOE_SCALARS = ("router_entropy", "dropped_fraction", "experts_per_token", "importance_cv")
 
 STAGES = {1: (256, 0.75, 128), 2: (256, 0.0, 64), 3: (512, 0.75, 32), 4: (512, 0.0, 16)}
 
@@ -47,7 +65,7 @@ def matmul_ceiling(device: torch.device, n: int = 8192, reps: int = 20) -> float
     return 2 * n**3 * reps / (start.elapsed_time(end) / 1e3)
 
 
-def stage_config(preset: str, stage: int, micro_batch: int | None, world: int):
+def stage_config(preset: str, stage: int, micro_batch: int | None, world: int, global_batch: int | None = None):
     res, mask, mb = STAGES[stage]
     mb = micro_batch or mb
     return build_config(
@@ -58,7 +76,7 @@ def stage_config(preset: str, stage: int, micro_batch: int | None, world: int):
                 "resolution": res,
                 "mask_ratio": mask,
                 "micro_batch": mb,
-                "global_batch": mb * world,
+                "global_batch": global_batch or mb * world,
                 "data": "synthetic",
                 "grad_clip": 0.25,
             },
@@ -66,29 +84,51 @@ def stage_config(preset: str, stage: int, micro_batch: int | None, world: int):
     )
 
 
-def make_step(cfg, args, device):
-    """A closure running one full training step, and a description of the set-up."""
+@dataclass
+class Runner:
+    """One set-up's training step, split into micro-steps (gradient accumulation)."""
+
+    micro_step: Callable[[bool], torch.Tensor]  # runs one micro-batch; True on the last of a step
+    accumulation: int  # micro-steps per optimizer step
+    setup: str
+    model: torch.nn.Module  # the EDM-preconditioned model (the engine's module under DeepSpeed)
+    forward_loss: Callable[[], torch.Tensor]  # one loss evaluation, for statistics
+
+    def step(self) -> torch.Tensor:
+        for i in range(self.accumulation):
+            loss = self.micro_step(i == self.accumulation - 1)
+        return loss
+
+
+def make_step(cfg, args, device) -> Runner:
+    """A runner of full training steps on random latents and captions, and a description of the set-up."""
     loss_fn = EDMLoss(cfg.diffusion.p_mean, cfg.diffusion.p_std, cfg.diffusion.sigma_data, cfg.model.patch_size)
     side = cfg.stage.resolution // cfg.stage.latent_downsample
     n = cfg.stage.micro_batch
     latents = torch.randn(n, 4, side, side, device=device) * 0.9
     captions = torch.randn(n, cfg.model.caption_len, cfg.model.caption_dim, device=device)
     mask = cfg.stage.mask_ratio
+    world = distributed.world_size()
+    accumulation = cfg.stage.accumulation(world)
     if args.ds:
         from sedit.engine import build_engine, load_ds_config, resolve_ds_config
 
-        ds = resolve_ds_config(load_ds_config(args.ds), cfg, distributed.world_size(), args.ep)
+        ds = resolve_ds_config(load_ds_config(args.ds), cfg, world, args.ep)
         engine, _ = build_engine(cfg, ds)
         if args.compile:
             engine.compile()
 
-        def step():
-            loss = loss_fn(engine, latents.bfloat16(), captions.bfloat16(), mask)
-            engine.backward(loss)
-            engine.step()
+        def ds_loss():
+            return loss_fn(engine, latents.bfloat16(), captions.bfloat16(), mask)
+
+        def ds_micro_step(last: bool):
+            loss = ds_loss()
+            engine.backward(loss)  # DeepSpeed divides by the accumulation steps
+            engine.step()  # steps the optimizer only at the accumulation boundary
             return loss.detach()
 
-        return step, f"deepspeed {Path(args.ds).name} ep={ds['expert_parallel']['autoep_size']}"
+        setup = f"deepspeed {Path(args.ds).name} ep={ds['expert_parallel']['autoep_size']}"
+        return Runner(ds_micro_step, accumulation, setup, engine.module, ds_loss)
 
     torch.manual_seed(0)
     net = build_model(cfg.model).to(device)
@@ -96,16 +136,77 @@ def make_step(cfg, args, device):
     model = torch.compile(precond) if args.compile else precond
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
 
-    def step():
+    def plain_loss():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(model, latents, captions, mask)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.stage.grad_clip, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            return loss_fn(model, latents, captions, mask)
+
+    def plain_micro_step(last: bool):
+        loss = plain_loss()
+        (loss / accumulation).backward()
+        if last:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.stage.grad_clip, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return step, "single GPU, bf16 autocast, fused AdamW" + (", torch.compile" if args.compile else "")
+    setup = "single GPU, bf16 autocast, fused AdamW" + (", torch.compile" if args.compile else "")
+    return Runner(plain_micro_step, accumulation, setup, precond, plain_loss)
+
+
+def time_steps(runner: Runner, steps: int) -> tuple[list[float], list[float], list[float]]:
+    """Seconds per optimizer step, per inner micro-step and per boundary micro-step (CUDA events)."""
+    step_s, inner_s, boundary_s = [], [], []
+    for _ in range(steps):
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(runner.accumulation + 1)]
+        marks[0].record()
+        for i in range(runner.accumulation):
+            runner.micro_step(i == runner.accumulation - 1)
+            marks[i + 1].record()
+        torch.cuda.synchronize()
+        micro = [a.elapsed_time(b) / 1e3 for a, b in zip(marks[:-1], marks[1:], strict=True)]
+        step_s.append(sum(micro))
+        inner_s.extend(micro[:-1])
+        boundary_s.append(micro[-1])
+    return step_s, inner_s, boundary_s
+
+
+def gather_from_ranks(value):
+    """[value of rank 0, rank 1, ...] (just [value] without a process group)."""
+    if not torch.distributed.is_initialized():
+        return [value]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+@torch.no_grad()
+def moe_load(runner: Runner) -> list[dict]:
+    """Expert load of every MoE layer for one forward, summed (tokens) or averaged over ranks."""
+    record_routing(runner.model, on=True)
+    runner.forward_loss()
+    rows = []
+    for name, layer in moe_layers(runner.model):
+        load, stats = expert_load(layer.last_routing), routing_stats(layer.last_routing)
+        tokens = load["tokens"].double()
+        importance = load["importance"].double()
+        scalars = torch.stack([stats[k].double() for k in MOE_SCALARS])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(tokens)
+            torch.distributed.all_reduce(importance)
+            torch.distributed.all_reduce(scalars)
+            importance /= torch.distributed.get_world_size()
+            scalars /= torch.distributed.get_world_size()
+        rows.append(
+            {
+                "layer": name,
+                "tokens_per_expert_min": tokens.min().item(),
+                "tokens_per_expert_max": tokens.max().item(),
+                "importance_max_over_min": (importance.max() / importance.min()).item(),
+                **{key: value.item() for key, value in zip(MOE_SCALARS, scalars, strict=True)},
+            }
+        )
+    record_routing(runner.model, on=False)
+    return rows
 
 
 def peak_memory_per_rank(device) -> list[float]:
@@ -120,37 +221,35 @@ def peak_memory_per_rank(device) -> list[float]:
 
 def bench_stage(stage: int, args, device, ceiling: float) -> dict:
     world = distributed.world_size()
-    cfg = stage_config(args.preset, stage, args.micro_batch, world)
+    cfg = stage_config(args.preset, stage, args.micro_batch, world, args.global_batch)
     torch.cuda.reset_peak_memory_stats(device)
     tic = time.time()
-    step, setup = make_step(cfg, args, device)
+    runner = make_step(cfg, args, device)
     for _ in range(args.warmup):
-        step()
+        loss = runner.step()
     torch.cuda.synchronize()
     warm_s = time.time() - tic
-    times = []
-    losses = []
-    for _ in range(args.steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        losses.append(step())
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    median = statistics.median(times)
+    step_s, inner_s, boundary_s = time_steps(runner, args.steps)
+    median = statistics.median(step_s)
     peaks = peak_memory_per_rank(device)
     flops = train_flops_per_image(cfg.model, cfg.stage.resolution // 8, cfg.stage.mask_ratio)
-    per_gpu = cfg.stage.micro_batch / median
-    return {
+    images_per_step = cfg.stage.micro_batch * runner.accumulation
+    per_gpu = images_per_step / median
+    row = {
         "preset": args.preset,
         "stage": stage,
         "resolution": cfg.stage.resolution,
         "mask_ratio": cfg.stage.mask_ratio,
         "micro_batch": cfg.stage.micro_batch,
+        "global_batch": cfg.stage.global_batch,
+        "accumulation": runner.accumulation,
         "world_size": world,
-        "setup": setup,
+        "setup": runner.setup,
         "step_s_median": median,
-        "step_s_min": min(times),
+        "step_s_min": min(step_s),
+        "steps_timed": len(step_s),
+        "micro_step_s_median": statistics.median(inner_s) if inner_s else None,
+        "boundary_micro_step_s_median": statistics.median(boundary_s),
         "images_per_s_per_gpu": per_gpu,
         "images_per_s_total": per_gpu * world,
         "train_gflop_per_image": flops / 1e9,
@@ -159,22 +258,37 @@ def bench_stage(stage: int, args, device, ceiling: float) -> dict:
         "peak_memory_gib": max(peaks),
         "peak_memory_gib_per_rank": peaks,
         "warmup_and_compile_s": warm_s,
-        "final_loss": float(losses[-1]),
+        "final_loss": float(loss),
         "torch": torch.__version__,
+        "deepspeed": deepspeed_version(),
         "gpu": torch.cuda.get_device_name(device),
     }
+    if args.breakdown:
+        row["breakdown_per_rank"] = gather_from_ranks(profile_breakdown(runner.step, 1))
+    if args.moe_load:
+        row["moe_load"] = moe_load(runner)
+    return row
+
+
+def deepspeed_version() -> str | None:
+    try:
+        import deepspeed
+    except ImportError:
+        return None
+    return deepspeed.__version__
 
 
 def markdown(rows: list[dict]) -> str:
     head = (
-        "| stage | res | mask | micro-batch | GPUs | setup | step ms | img/s/GPU | GFLOP/img | MFU | peak GiB by rank |"
+        "| stage | res | mask | micro-batch x accumulation | GPUs | setup | step ms | img/s/GPU | img/s total "
+        "| GFLOP/img | MFU | peak GiB by rank |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         lines.append(
-            f"| {r['stage']} | {r['resolution']} | {r['mask_ratio']} | {r['micro_batch']} | {r['world_size']} | "
-            f"{r['setup']} | {1e3 * r['step_s_median']:.1f} | {r['images_per_s_per_gpu']:.0f} | "
-            f"{r['train_gflop_per_image']:.0f} | {100 * r['mfu']:.1f}% | "
+            f"| {r['stage']} | {r['resolution']} | {r['mask_ratio']} | {r['micro_batch']} x {r['accumulation']} | "
+            f"{r['world_size']} | {r['setup']} | {1e3 * r['step_s_median']:.1f} | {r['images_per_s_per_gpu']:.0f} | "
+            f"{r['images_per_s_total']:.0f} | {r['train_gflop_per_image']:.0f} | {100 * r['mfu']:.1f}% | "
             + " / ".join(f"{gib:.1f}" for gib in r["peak_memory_gib_per_rank"])
             + " |"
         )
@@ -189,8 +303,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ds", default=None, help="DeepSpeed config; run under the deepspeed launcher")
     parser.add_argument("--ep", type=int, default=None, help="expert-parallel size (DeepSpeed runs)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--global-batch", type=int, default=None, help="accumulate to this batch (all GPUs)")
+    parser.add_argument("--warmup", type=int, default=5, help="optimizer steps before timing")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps timed")
+    parser.add_argument("--breakdown", action="store_true", help="profile one step: compute vs communication")
+    parser.add_argument("--moe-load", action="store_true", help="expert load of every MoE layer")
     parser.add_argument("--json", default=None, help="append JSON lines here (rank 0)")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args(argv)
@@ -209,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
                 f.write(json.dumps(row) + "\n")
         torch.cuda.empty_cache()
     distributed.print0(markdown(rows))
+    if args.breakdown:
+        distributed.print0(breakdown_markdown(rows))
 
 
 if __name__ == "__main__":

@@ -125,6 +125,16 @@ class StageConfig:
     wandb: str = "offline"  # 'offline' (files under the run dir), 'online', or 'disabled'
     wandb_project: str = "sedit"
 
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step so that micro_batch * world_size * accumulation == global_batch."""
+        per_step = self.micro_batch * world_size
+        if self.global_batch % per_step:
+            raise ConfigError(
+                f"stage.global_batch: {self.global_batch} is not a multiple of micro_batch {self.micro_batch} x "
+                f"{world_size} processes = {per_step}"
+            )
+        return self.global_batch // per_step
+
     def validate(self, prefix: str = "stage") -> None:
         _require(self.resolution > 0, f"{prefix}.resolution", "must be > 0")
         _require(0.0 <= self.mask_ratio < 1.0, f"{prefix}.mask_ratio", "must be in [0, 1)")

@@ -41,17 +41,6 @@ def check_topology(num_experts: int, ep_size: int, world_size: int) -> None:
         )
 
 
-def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int) -> int:
-    """Steps of micro-batches per optimizer step so that micro * world * accum == global batch."""
-    per_step = micro_batch * world_size
-    if global_batch % per_step:
-        raise ConfigError(
-            f"stage.global_batch: {global_batch} is not a multiple of micro_batch {micro_batch} x "
-            f"{world_size} processes = {per_step}"
-        )
-    return global_batch // per_step
-
-
 def load_ds_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -78,7 +67,7 @@ def resolve_ds_config(
     ep.setdefault("autoep_size", 1)
     ep["enabled"] = True
     check_topology(cfg.model.num_experts, int(ep["autoep_size"]), world_size)
-    accum = gradient_accumulation(stage.global_batch, stage.micro_batch, world_size)
+    accum = stage.accumulation(world_size)
     ds["train_micro_batch_size_per_gpu"] = stage.micro_batch
     ds["gradient_accumulation_steps"] = accum
     ds["train_batch_size"] = stage.micro_batch * world_size * accum

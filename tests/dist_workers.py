@@ -201,6 +201,10 @@ def engine_training(rank: int, world: int, ds_name: str, out: Path) -> None:
         rank,
         {
             "optimizer": type(engine.optimizer).__name__,
+            "inner_optimizer_fused": engine.optimizer.optimizer.defaults.get("fused"),
+            "zero3_leaf_modules": sorted(
+                {type(m).__name__ for m in engine.module.modules() if getattr(m, "_z3_leaf", 0)}
+            ),
             "matches_own_slice": matches_own_slice,
             "distinct_experts": distinct,
             "distinct_after_training": not torch.equal(gathered[0], gathered[1]),

@@ -27,6 +27,9 @@ def test_engine_keeps_experts_distinct_trains_and_resumes(tmp_path, ds_name, opt
     dist_workers.run_spawn(dist_workers.engine_training, 2, ds_name, tmp_path)
     for r in results(tmp_path):
         assert optimizer in r["optimizer"]
+        assert r["inner_optimizer_fused"] is True, "the configs ask torch's AdamW for its fused kernel"
+        # ZeRO-3 fetches a whole transformer block per hook (DeepSpeed's leaf modules), not each linear layer
+        assert r["zero3_leaf_modules"] == (["Block"] if ds_name == "zero3.json" else []), r["zero3_leaf_modules"]
         assert r["matches_own_slice"], "a rank's experts are not its slice of the initial model"
         assert r["distinct_experts"] and r["distinct_after_training"], "expert weights replicated across EP ranks"
         first, *_, last = r["losses"]
