@@ -6,12 +6,14 @@
 # e.g. bash bench/scaling.sh out "1 2 4 8" "1 2" 2048
 # Runs of k GPUs on a machine of G take GPU groups [0, k), [k, 2k), ...: up to G / k of them run side
 # by side (each on its own GPUs and NVLink ports), and every count finishes before the next starts.
+# SCALING_FIRST_GPU / SCALING_GPUS restrict the runs to GPUs FIRST .. FIRST+GPUS-1 of the machine (default all).
 # Writes OUT_DIR/results.jsonl (one JSON line per run and stage) and one log per run.
 set -uo pipefail
 out=${1:?output dir}; counts=${2:-"1 2 4 8"}; stages=${3:-"1 2"}; global=${4:-2048}; preset=${5:-XL}
 configs=${SCALING_CONFIGS:-"ds_configs/zero3.json ds_configs/zero2_ep.json"}
 mkdir -p "$out"
-total=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+offset=${SCALING_FIRST_GPU:-0}
+total=${SCALING_GPUS:-$(($(python3 -c 'import torch; print(torch.cuda.device_count())') - offset))}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 launcher=(deepspeed)
 command -v deepspeed >/dev/null || launcher=(python3 -m deepspeed.launcher.runner)
@@ -39,7 +41,7 @@ for n in $counts; do
   for ((g = 0; g < groups; g++)); do  # group g runs jobs g, g + groups, ... one after another
     (
       for ((j = g; j < ${#jobs[@]}; j += groups)); do
-        run "${jobs[j]%%:*}" $((g * n)) "$n" $((29500 + 10 * g + j)) "${jobs[j]#*:}"
+        run "${jobs[j]%%:*}" $((offset + g * n)) "$n" $((29500 + 10 * (offset + g) + j)) "${jobs[j]#*:}"
       done
     ) &
   done

@@ -13,7 +13,7 @@ with expert-choice routing:
     2. dispatch by index:                   (E, N*C, D), expert-major, so rank r's experts are rows
                                             [r*E_l*N*C, (r+1)*E_l*N*C)
     3. all-to-all (DeepSpeed ``_AllToAllV``) to the experts' owners -> (S, E_l, N*C, D)
-    4. DeepSpeed's grouped SwiGLU experts (``GroupedExperts``) on E_l groups of S*N*C rows
+    4. the E_l local SwiGLU experts (DeepSpeed's ``GroupedExperts`` weights) on S*N*C rows each
     5. all-to-all back, combine with the gates -> (N, T, D)
 
 Every expert takes exactly C tokens from every image, so the splits are equal whenever the micro-
@@ -44,8 +44,19 @@ from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer, _AllToAllV
 from deepspeed.moe.ep_experts import GroupedExperts as DeepSpeedGroupedExperts
 from torch import nn
 
+from sedit.moe.experts import expert_mlp
 from sedit.moe.layer import ExpertChoiceMoE
 from sedit.moe.routing import ExpertChoiceRouter
+
+
+class BatchedExperts(DeepSpeedGroupedExperts):
+    """DeepSpeed's expert weights (w1, w2, w3 of shape (E_l, F, D), (E_l, D, F), (E_l, F, D)) run as
+    batched matmuls on (E_l, M, D): every expert holds M tokens under expert choice. DeepSpeed's own
+    forward takes ragged groups through ``torch._grouped_mm``, which refuses weights that ZeRO-3
+    gathers at offsets not aligned to 16 bytes (seen at ep = 4)."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return expert_mlp(tokens, self.w1, self.w2, self.w3)  # (E_l, M, D)
 
 
 class ExpertChoiceEPLayer(AutoEPMoELayer):
@@ -74,9 +85,7 @@ class ExpertChoiceEPLayer(AutoEPMoELayer):
         self.folding_group_handles = None
         self.tp_group = None
         self.router = ExpertChoiceRouter(dim, num_experts, capacity)
-        self.experts = DeepSpeedGroupedExperts(
-            dim, hidden, self.num_local_experts, use_grouped_mm=torch.cuda.is_available()
-        )
+        self.experts = BatchedExperts(dim, hidden, self.num_local_experts, use_grouped_mm=False)
         self.keep_routing = False
         self.last_routing = None
         self._tag_expert_parameters()
@@ -121,21 +130,15 @@ class ExpertChoiceEPLayer(AutoEPMoELayer):
         split = [rows.shape[0] // self.ep_size] * self.ep_size
         return _AllToAllV.apply(self.ep_group, rows, split, split)
 
-    def _local_experts(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(E_l, M, D) -> (E_l, M, D) through DeepSpeed's grouped experts (rows grouped by expert)."""
-        el, m, d = tokens.shape
-        counts = torch.full((el,), m, dtype=torch.int64, device=tokens.device)
-        return self.experts(tokens.reshape(el * m, d), counts).view(el, m, d)
-
     def run_experts(self, tokens: torch.Tensor) -> torch.Tensor:
         """(E, M, D) expert-major tokens of this rank -> experts' outputs, via the experts' owners."""
         e, m, d = tokens.shape
         if self.ep_size == 1:
-            return self._local_experts(tokens)
+            return self.experts(tokens)
         s, el = self.ep_size, self.num_local_experts
         received = self._all_to_all(tokens.reshape(e * m, d))  # (S*E_l*M, D): [source][local expert][M]
         local = received.view(s, el, m, d).transpose(0, 1).reshape(el, s * m, d)  # (E_l, S*M, D)
-        out = self._local_experts(local)  # (E_l, S*M, D)
+        out = self.experts(local)  # (E_l, S*M, D)
         back = out.view(el, s, m, d).transpose(0, 1).reshape(s * el * m, d)  # (S*E_l*M, D)
         return self._all_to_all(back).view(e, m, d)  # (E, M, D): every expert's output for our tokens
 

@@ -38,9 +38,18 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(E, M, D) -> (E, M, D)."""
-        h = torch.bmm(x, self.w1.to(x.dtype).transpose(1, 2))  # (E, M, F)
-        if self.gated:
-            h = F.silu(h) * torch.bmm(x, self.w3.to(x.dtype).transpose(1, 2))
-        else:
-            h = F.gelu(h, approximate="tanh")
-        return torch.bmm(h, self.w2.to(x.dtype).transpose(1, 2))  # (E, M, D)
+        return expert_mlp(x, self.w1, self.w2, self.w3 if self.gated else None)
+
+
+def expert_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None) -> torch.Tensor:
+    """E expert MLPs on E equal groups of M tokens, as batched matmuls: (E, M, D) -> (E, M, D).
+
+    Expert choice gives every expert the same number of tokens, so a strided batched GEMM does what a
+    grouped GEMM would, without its alignment demands on the weights' storage.
+    """
+    h = torch.bmm(x, w1.to(x.dtype).transpose(1, 2))  # (E, M, F)
+    if w3 is not None:
+        h = F.silu(h) * torch.bmm(x, w3.to(x.dtype).transpose(1, 2))  # SwiGLU
+    else:
+        h = F.gelu(h, approximate="tanh")
+    return torch.bmm(h, w2.to(x.dtype).transpose(1, 2))  # (E, M, D)
