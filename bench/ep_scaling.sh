@@ -7,9 +7,7 @@ out=${1:?output dir}; stages=${2:-"1 2"}; preset=${3:-XL}
 mkdir -p "$out"
 gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-# A wheel installed with `pip --target` leaves the `deepspeed` script off PATH; the module is the same launcher.
-launcher=(deepspeed)
-command -v deepspeed >/dev/null || launcher=(python3 -m deepspeed.launcher.runner)
+source "$(dirname "$0")/launcher.sh"
 python3 bench/train_step.py --preset "$preset" --stages $stages --steps 12 --json "$out/results.jsonl" \
   2>&1 | tee "$out/single.log" | grep -E '^\{|^\||Error|error'
 for s in $stages; do

@@ -15,8 +15,7 @@ mkdir -p "$out"
 offset=${SCALING_FIRST_GPU:-0}
 total=${SCALING_GPUS:-$(($(python3 -c 'import torch; print(torch.cuda.device_count())') - offset))}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-launcher=(deepspeed)
-command -v deepspeed >/dev/null || launcher=(python3 -m deepspeed.launcher.runner)
+source "$(dirname "$0")/launcher.sh"
 common=(--preset "$preset" --stages $stages --global-batch "$global" --warmup 1 --steps 3 --breakdown --moe-load)
 
 run() {  # run NAME FIRST_GPU GPUS PORT [CONFIG]: one measurement on GPUs FIRST_GPU .. FIRST_GPU+GPUS-1

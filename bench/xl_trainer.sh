@@ -8,8 +8,7 @@ out=${1:?output dir}; ds=${2:-ds_configs/zero3.json}; steps=${3:-20}
 mkdir -p "$out"
 gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 WANDB_MODE=disabled
-launcher=(deepspeed)
-command -v deepspeed >/dev/null || launcher=(python3 -m deepspeed.launcher.runner)
+source "$(dirname "$0")/launcher.sh"
 name=$(basename "$ds" .json)
 run=/tmp/xl-trainer-$name
 "${launcher[@]}" --num_gpus "$gpus" launch/stage.py --config configs/xl/stage1.yaml --ds "$ds" --ep "$gpus" \
