@@ -111,6 +111,7 @@ class StageConfig:
     ema_decay: float = 0.0  # 0 disables EMA
     ema_start: int = 0  # step at which EMA starts tracking
     seed: int = 0
+    compile: bool = False  # torch.compile the model (DeepSpeed's engine.compile); the first steps pay for compiling
     data: str = ""  # directory of prepared shards (sedit.data.prepare), or 'synthetic'
     num_workers: int = 2  # data-loader worker processes per rank
     shuffle_buffer: int = 1000  # samples in each loader worker's shuffle buffer

@@ -128,6 +128,9 @@ class Stage:
             net, _ = load_consolidated(stage.init_from)
             distributed.print0(f"initialised from {stage.init_from}")
         self.engine, _ = build_engine(cfg, ds, net)
+        if stage.compile:
+            self.engine.compile()  # the expert all-to-all and DeepSpeed's hooks stay eager (graph breaks)
+            distributed.print0(f"torch.compile: {self.engine.is_compiled}; the first steps include compiling")
         self.ep = ep_size_of(ds)
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         self.ema = EMA(self.engine.module.net, stage.ema_decay, stage.ema_start) if stage.ema_decay > 0 else None

@@ -175,3 +175,16 @@ def test_a_256_stage_export_starts_the_512_stage(tmp_path):
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert out.std() > 1e-3 and (out[0] - out[1]).abs().mean() > 1e-4  # not constant, depends on the input
     assert loaded.pos_embed.shape[0] == 64  # the 8x8 token grid, recomputed
+
+
+def test_a_compiled_stage_follows_the_eager_loss_curve(tmp_path, settings, uninterrupted):
+    """stage.compile: the same steps as the eager run (same data, seeds, lr) to compiler precision."""
+    steps = 4
+    run = run_stage(tmp_path, {**settings, "steps": steps, "checkpoint_every": 100, "compile": True}, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "torch.compile: True" in run.stdout
+    compiled, eager = curve(tmp_path), curve(uninterrupted)[:steps]
+    assert [c[0] for c in compiled] == [e[0] for e in eager] == list(range(1, steps + 1))
+    for (step, loss, norm), (_, eager_loss, eager_norm) in zip(compiled, eager, strict=True):
+        assert loss == pytest.approx(eager_loss, rel=1e-3), step
+        assert norm == pytest.approx(eager_norm, rel=1e-2), step
