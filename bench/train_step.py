@@ -101,7 +101,7 @@ class Runner:
 
 
 def make_step(cfg, args, device) -> Runner:
-    """A runner of full training steps on random latents and captions, and a description of the set-up."""
+    """Full training steps (split into micro-steps) of one set-up on random latents and captions."""
     loss_fn = EDMLoss(cfg.diffusion.p_mean, cfg.diffusion.p_std, cfg.diffusion.sigma_data, cfg.model.patch_size)
     side = cfg.stage.resolution // cfg.stage.latent_downsample
     n = cfg.stage.micro_batch
