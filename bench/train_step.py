@@ -13,9 +13,10 @@ ratio, micro-batch) follow the reference measurements of DESIGN.md §5 unless --
 
 A step is one optimizer step. With --global-batch it accumulates gradients over
 global / (micro-batch x GPUs) micro-batches, as training does; every micro-step is timed too (the
-last one of a step carries the gradient reduction and the optimizer). --breakdown profiles one more
-step and splits its GPU time into compute, exposed all-to-all, exposed ZeRO collectives and idle
-(bench/step_breakdown.py), for every rank; --moe-load reports each MoE layer's expert load.
+last one of a step also clips and steps the optimizer; ZeRO-2/3 reduce gradients in every one).
+--breakdown profiles one more step and splits its GPU time into compute, exposed all-to-all,
+exposed ZeRO collectives and idle (bench/step_breakdown.py), for every rank; --moe-load reports each
+MoE layer's expert load.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from sedit.metrics import moe_layers, record_routing  # noqa: E402
 from sedit.model import build_model  # noqa: E402
 from sedit.moe.routing import expert_load, routing_stats  # noqa: E402
 
-MOE_SCALARS = ("router_entropy", "dropped_fraction", "experts_per_token", "importance_cv")
+MOE_SCALARS = ("router_entropy", "dropped_fraction", "experts_per_token")
 
 STAGES = {1: (256, 0.75, 128), 2: (256, 0.0, 64), 3: (512, 0.75, 32), 4: (512, 0.0, 16)}
 
@@ -153,21 +154,22 @@ def make_step(cfg, args, device) -> Runner:
     return Runner(plain_micro_step, accumulation, setup, precond, plain_loss)
 
 
-def time_steps(runner: Runner, steps: int) -> tuple[list[float], list[float], list[float]]:
-    """Seconds per optimizer step, per inner micro-step and per boundary micro-step (CUDA events)."""
+def time_steps(runner: Runner, steps: int) -> tuple[list[float], list[float], list[float], torch.Tensor]:
+    """Seconds per optimizer step, per inner micro-step and per boundary micro-step (CUDA events),
+    and the last micro-step's loss."""
     step_s, inner_s, boundary_s = [], [], []
     for _ in range(steps):
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(runner.accumulation + 1)]
         marks[0].record()
         for i in range(runner.accumulation):
-            runner.micro_step(i == runner.accumulation - 1)
+            loss = runner.micro_step(i == runner.accumulation - 1)
             marks[i + 1].record()
         torch.cuda.synchronize()
         micro = [a.elapsed_time(b) / 1e3 for a, b in zip(marks[:-1], marks[1:], strict=True)]
         step_s.append(sum(micro))
         inner_s.extend(micro[:-1])
         boundary_s.append(micro[-1])
-    return step_s, inner_s, boundary_s
+    return step_s, inner_s, boundary_s, loss
 
 
 def gather_from_ranks(value):
@@ -187,21 +189,22 @@ def moe_load(runner: Runner) -> list[dict]:
     rows = []
     for name, layer in moe_layers(runner.model):
         load, stats = expert_load(layer.last_routing), routing_stats(layer.last_routing)
-        tokens = load["tokens"].double()
-        importance = load["importance"].double()
-        scalars = torch.stack([stats[k].double() for k in MOE_SCALARS])
+        tokens = load["tokens"].double()  # (E,) summed over ranks
+        importance = load["importance"].double()  # (E,) averaged over ranks (equal micro-batches)
+        scalars = torch.stack([stats[k].double() for k in MOE_SCALARS])  # averaged over ranks
         if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(tokens)
-            torch.distributed.all_reduce(importance)
-            torch.distributed.all_reduce(scalars)
-            importance /= torch.distributed.get_world_size()
-            scalars /= torch.distributed.get_world_size()
+            world = torch.distributed.get_world_size()
+            for tensor in (tokens, importance, scalars):
+                torch.distributed.all_reduce(tensor)
+            importance /= world
+            scalars /= world
         rows.append(
             {
                 "layer": name,
                 "tokens_per_expert_min": tokens.min().item(),
                 "tokens_per_expert_max": tokens.max().item(),
                 "importance_max_over_min": (importance.max() / importance.min()).item(),
+                "importance_cv": (importance.std(correction=0) / importance.mean()).item(),
                 **{key: value.item() for key, value in zip(MOE_SCALARS, scalars, strict=True)},
             }
         )
@@ -226,10 +229,10 @@ def bench_stage(stage: int, args, device, ceiling: float) -> dict:
     tic = time.time()
     runner = make_step(cfg, args, device)
     for _ in range(args.warmup):
-        loss = runner.step()
+        runner.step()
     torch.cuda.synchronize()
     warm_s = time.time() - tic
-    step_s, inner_s, boundary_s = time_steps(runner, args.steps)
+    step_s, inner_s, boundary_s, loss = time_steps(runner, args.steps)
     median = statistics.median(step_s)
     peaks = peak_memory_per_rank(device)
     flops = train_flops_per_image(cfg.model, cfg.stage.resolution // 8, cfg.stage.mask_ratio)

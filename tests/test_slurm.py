@@ -55,7 +55,8 @@ def submit(cluster, out, *configs, extra=()) -> list[str]:
 
 
 def log_of(run_dir: Path, job: str) -> str:
-    return (run_dir / f"slurm-{job}.out").read_text()
+    # Two ranks write one file through srun, which may split a progress bar's multi-byte character.
+    return (run_dir / f"slurm-{job}.out").read_text(errors="replace")
 
 
 def steps_in(run_dir: Path) -> list[int]:
