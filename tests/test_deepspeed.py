@@ -22,7 +22,14 @@ def test_ep2_layer_matches_single_process(tmp_path):
             assert err < 1e-5, (name, err)
 
 
-@pytest.mark.parametrize("ds_name, optimizer", [("zero3.json", "Stage3"), ("zero2_ep.json", "DeepSpeedZeroOptimizer")])
+@pytest.mark.parametrize(
+    "ds_name, optimizer",
+    [
+        ("zero3.json", "Stage3"),
+        ("zero2_ep.json", "DeepSpeedZeroOptimizer"),
+        ("zero1_ep.json", "DeepSpeedZeroOptimizer"),
+    ],
+)
 def test_engine_keeps_experts_distinct_trains_and_resumes(tmp_path, ds_name, optimizer):
     dist_workers.run_spawn(dist_workers.engine_training, 2, ds_name, tmp_path)
     for r in results(tmp_path):
@@ -40,7 +47,7 @@ def test_engine_keeps_experts_distinct_trains_and_resumes(tmp_path, ds_name, opt
     assert not list((tmp_path / "ckpt").glob("*.tmp"))
 
 
-@pytest.mark.parametrize("ds_name", ["zero3.json", "zero2_ep.json"])
+@pytest.mark.parametrize("ds_name", ["zero3.json", "zero2_ep.json", "zero1_ep.json"])
 def test_gradients_match_one_process_and_export_at_ep2_loads_at_ep1(tmp_path, ds_name):
     dist_workers.run_spawn(dist_workers.engine_export, 2, ds_name, tmp_path)
     for r in results(tmp_path):
@@ -69,7 +76,7 @@ def test_unsupported_topology_is_refused(experts, ep, world, fragment):
     check_topology(8, 2, 4)  # and a valid one passes
 
 
-@pytest.mark.parametrize("ds_name", ["zero3.json", "zero2_ep.json"])
+@pytest.mark.parametrize("ds_name", ["zero3.json", "zero2_ep.json", "zero1_ep.json"])
 def test_ema_of_partitioned_master_weights_matches_a_whole_weight_ema(tmp_path, ds_name):
     dist_workers.run_spawn(dist_workers.engine_ema, 2, ds_name, tmp_path)
     for rank in range(2):
