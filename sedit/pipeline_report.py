@@ -20,9 +20,10 @@ def read_records(stage_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def stage_numbers(cfg: Config, stage_dir: Path) -> dict:
-    """Loss at the first and last logged steps (and the mean of the last five logs), time, images/s."""
-    records = [r for r in read_records(stage_dir) if "loss" in r]
+def stage_numbers(cfg: Config, stage_dir: Path, records: list[dict]) -> dict:
+    """Loss at the first and last logged steps (and the mean of the last five logs), time, images/s,
+    from the stage's metrics records and summary."""
+    records = [r for r in records if "loss" in r]
     summary = json.loads((stage_dir / "summary.json").read_text()) if (stage_dir / "summary.json").is_file() else {}
     tail = [r["loss"] for r in records[-5:]]
     return {
@@ -88,9 +89,11 @@ def fmt(value, digits: int = 4) -> str:
 
 
 def write_report(out: Path, stages: list[tuple[Config, Path]]) -> Path:
-    rows, lines = [], []
+    rows, lines, curves = [], [], []
     for cfg, stage_dir in stages:
-        numbers = stage_numbers(cfg, stage_dir)
+        records = read_records(stage_dir)
+        curves.append((cfg.stage.name, records))
+        numbers = stage_numbers(cfg, stage_dir, records)
         grid = final_grid(stage_dir, out / "report" / f"{cfg.stage.name}.png", cfg.stage.sample_count)
         numbers["grid"] = str(grid.relative_to(out)) if grid else None
         rows.append(numbers)
@@ -107,7 +110,7 @@ def write_report(out: Path, stages: list[tuple[Config, Path]]) -> Path:
             f"{fmt(r['loss_last'])} | {fmt(r['loss_last5_mean'])} | {fmt(r['seconds'], 4)} | "
             f"{fmt(r['images_per_s'], 4)} | {r['final_weights'] or '-'} |"
         )
-    curve = plot_losses(out / "report" / "losses.png", [(c.stage.name, read_records(d)) for c, d in stages])
+    curve = plot_losses(out / "report" / "losses.png", curves)
     if curve:
         lines += ["", f"![training loss per stage]({curve.relative_to(out)})"]
     lines += ["", "Each grid: the stage's final weights, the prompts of its training-time grids, seeds 0..n-1.", ""]
