@@ -172,15 +172,6 @@ def time_steps(runner: Runner, steps: int) -> tuple[list[float], list[float], li
     return step_s, inner_s, boundary_s, loss
 
 
-def gather_from_ranks(value):
-    """[value of rank 0, rank 1, ...] (just [value] without a process group)."""
-    if not torch.distributed.is_initialized():
-        return [value]
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
-
-
 @torch.no_grad()
 def moe_load(runner: Runner) -> list[dict]:
     """Expert load of every MoE layer for one forward, summed (tokens) or averaged over ranks."""
@@ -214,12 +205,7 @@ def moe_load(runner: Runner) -> list[dict]:
 
 def peak_memory_per_rank(device) -> list[float]:
     """Peak allocated GiB of every rank (expert-parallel ranks hold different experts)."""
-    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
-    if not torch.distributed.is_initialized():
-        return [peak.item()]
-    gathered = [torch.empty_like(peak) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(gathered, peak)
-    return [round(t.item(), 2) for t in gathered]
+    return [round(gib, 2) for gib in distributed.gather_objects(torch.cuda.max_memory_allocated(device) / 2**30)]
 
 
 def bench_stage(stage: int, args, device, ceiling: float) -> dict:
@@ -267,7 +253,7 @@ def bench_stage(stage: int, args, device, ceiling: float) -> dict:
         "gpu": torch.cuda.get_device_name(device),
     }
     if args.breakdown:
-        row["breakdown_per_rank"] = gather_from_ranks(profile_breakdown(runner.step, 1))
+        row["breakdown_per_rank"] = distributed.gather_objects(profile_breakdown(runner.step, 1))
     if args.moe_load:
         row["moe_load"] = moe_load(runner)
     return row

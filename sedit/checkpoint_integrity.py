@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from sedit.distributed import gather_objects
 from sedit.files import atomic_write_text
 
 MANIFEST = "sedit_checkpoint.json"
@@ -32,15 +33,6 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _all_gather(obj) -> list:
-    rank, world = rank_and_world()
-    if world == 1:
-        return [obj]
-    out: list = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _sha256(path: Path) -> str:
@@ -60,7 +52,7 @@ def write_manifest(directory: Path, info: dict) -> None:
     rank, world = rank_and_world()
     names = _files(directory)  # every rank sees the same listing once all have written
     mine = {n: {"bytes": (directory / n).stat().st_size, "sha256": _sha256(directory / n)} for n in names[rank::world]}
-    files = {k: v for part in _all_gather(mine) for k, v in part.items()}
+    files = {k: v for part in gather_objects(mine) for k, v in part.items()}
     if rank == 0:
         atomic_write_text(directory / MANIFEST, json.dumps({**info, "files": dict(sorted(files.items()))}, indent=1))
 
@@ -89,7 +81,7 @@ def problem(directory: Path) -> str | None:
             found.append(f"{path}: {path.stat().st_size} bytes, expected {want['bytes']} (truncated?)")
         elif _sha256(path) != want["sha256"]:
             found.append(f"{path}: contents differ from the manifest's SHA-256")
-    problems = [p for part in _all_gather(found) for p in part]
+    problems = [p for part in gather_objects(found) for p in part]
     return "; ".join(problems) or None
 
 

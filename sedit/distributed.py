@@ -47,11 +47,16 @@ def describe_ranks() -> list[dict[str, str]]:
     """Every rank's view of the launch (rank, world size, master, node), gathered (collective)."""
     view = {k: os.environ.get(k, "") for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     view["node"] = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [view]
-    views: list = [None] * dist.get_world_size()
-    dist.all_gather_object(views, view)
-    return views
+    return gather_objects(view)
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, rank 1, ...] from every rank (collective); [obj] without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def world_size() -> int:
