@@ -174,11 +174,17 @@ class SparseDiT(nn.Module):
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
 
+    def use_grid(self, grid: int) -> None:
+        """Hold the position embedding of a grid x grid token layout (the buffer is not saved, so
+        checkpoints never go stale). Call it before compiling for a resolution other than the base
+        grid's: a compiled forward must not replace the buffer (under CUDA graphs the graph would own
+        the new one and overwrite it on the next replay)."""
+        if self.pos_embed.shape[0] != grid * grid:
+            self.pos_embed = sincos_2d(self.cfg.mixer_width, grid, self.cfg.base_grid).to(self.pos_embed.device)
+
     def position_embedding(self, grid: int) -> torch.Tensor:
         """(T, Dm) embedding for a grid x grid token layout, rescaled to the base grid's range."""
-        if self.pos_embed.shape[0] != grid * grid:
-            # A new resolution: recompute once (the buffer is not saved, so checkpoints never go stale).
-            self.pos_embed = sincos_2d(self.cfg.mixer_width, grid, self.cfg.base_grid).to(self.pos_embed.device)
+        self.use_grid(grid)  # a no-op unless the resolution changed
         return self.pos_embed
 
     def condition(self, c_noise: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
@@ -200,7 +206,8 @@ class SparseDiT(nn.Module):
         cond = self.condition(c_noise, captions)  # (N, D)
         context = self.caption_encoder(captions)  # (N, L, D)
 
-        tokens = self.patch_embed(patchify(x, p)) + self.position_embedding(h // p).to(x.dtype)  # (N, T, Dm)
+        tokens = self.patch_embed(patchify(x, p))  # (N, T, Dm), in the compute dtype (bf16 under autocast)
+        tokens = tokens + self.position_embedding(h // p).to(tokens.dtype)  # the residual stream stays in it
         for block in self.mixer:
             tokens = block(tokens, cond, context)
         tokens = self.mixer_to_backbone(tokens)  # (N, T, D)

@@ -129,6 +129,7 @@ class Stage:
             distributed.print0(f"initialised from {stage.init_from}")
         self.engine, _ = build_engine(cfg, ds, net)
         if stage.compile:
+            self.engine.module.net.use_grid(stage.resolution // stage.latent_downsample // cfg.model.patch_size)
             self.engine.compile()  # the expert all-to-all and DeepSpeed's hooks stay eager (graph breaks)
             distributed.print0(f"torch.compile: {self.engine.is_compiled}; the first steps include compiling")
         self.ep = ep_size_of(ds)

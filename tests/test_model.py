@@ -126,6 +126,30 @@ def test_model_switches_resolution_without_new_state(tiny_cfg):
     assert set(net.state_dict()) == keys
 
 
+def test_use_grid_prepares_the_embedding_a_forward_then_reuses(tiny_cfg):
+    """Compiled forwards (CUDA graphs) must not replace the buffer: use_grid does it beforehand."""
+    net = build_model(tiny_cfg)
+    net.use_grid(8)
+    prepared = net.pos_embed
+    torch.testing.assert_close(prepared, sincos_2d(tiny_cfg.mixer_width, 8, tiny_cfg.base_grid))
+    caps = torch.randn(1, tiny_cfg.caption_len, tiny_cfg.caption_dim)
+    net(torch.randn(1, 4, 16, 16), torch.zeros(1), caps)  # 16 / patch 2 = the 8x8 grid
+    assert net.pos_embed is prepared
+
+
+def test_the_mixer_stream_runs_in_the_autocast_dtype(tiny_cfg):
+    """fp32 latents in, bf16 residual stream through the patch-mixer (not fp32 from the position sum)."""
+    net = build_model(tiny_cfg)
+    seen = []
+    for block in net.mixer:
+        block.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
+    caps = torch.randn(2, tiny_cfg.caption_len, tiny_cfg.caption_dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(2, 4, 8, 8), torch.zeros(2), caps)
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * len(net.mixer)
+    assert torch.isfinite(out.float()).all()
+
+
 def test_layer_norm_stays_in_bf16_under_autocast():
     from sedit.layers import LayerNorm
 
