@@ -106,3 +106,23 @@ def test_importance_spread_over_experts():
     assert routing_stats(one_expert)["importance_cv"].item() == pytest.approx((e - 1) ** 0.5)
     assert routing_stats(uniform)["dropped_fraction"].item() == pytest.approx(0.5)
     assert routing_stats(uniform)["tokens_per_expert"].item() == n * 4
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_expert_weight_gradients_come_out_in_the_weights_layout(gated):
+    """Autograd's own gradients for the stacked expert weights are contiguous like the weights, so
+    accumulating them into .grad needs no strided copy (a measured 5 ms per XL step otherwise)."""
+    from sedit.moe.experts import GroupedExperts
+
+    experts = GroupedExperts(4, 16, 24, gated)
+    x = torch.randn(4, 10, 16, requires_grad=True)
+    out = experts(x)
+    weights = list(experts.parameters())
+    grads = torch.autograd.grad((out * torch.randn_like(out)).sum(), [x, *weights])
+    for weight, grad in zip(weights, grads[1:], strict=True):
+        assert grad.shape == weight.shape and grad.is_contiguous()
+    # and the products are still the per-expert MLPs
+    for e in range(4):
+        h = x[e] @ experts.w1[e].T
+        h = F.silu(h) * (x[e] @ experts.w3[e].T) if gated else F.gelu(h, approximate="tanh")
+        torch.testing.assert_close(out[e], h @ experts.w2[e].T)

@@ -45,11 +45,14 @@ def expert_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Te
     """E expert MLPs on E equal groups of M tokens, as batched matmuls: (E, M, D) -> (E, M, D).
 
     Expert choice gives every expert the same number of tokens, so a strided batched GEMM does what a
-    grouped GEMM would, without its alignment demands on the weights' storage.
+    grouped GEMM would, without its alignment demands on the weights' storage. The products are taken
+    token-minor (h^T = w1 x^T, ...) so that each weight's gradient comes out in the weight's own layout;
+    the token-major form (x w1^T) returns transposed gradients that autograd then copies into place.
     """
-    h = torch.bmm(x, w1.to(x.dtype).transpose(1, 2))  # (E, M, F)
+    x_t = x.transpose(1, 2)  # (E, D, M)
+    h_t = torch.bmm(w1.to(x.dtype), x_t)  # (E, F, M)
     if w3 is not None:
-        h = F.silu(h) * torch.bmm(x, w3.to(x.dtype).transpose(1, 2))  # SwiGLU
+        h_t = F.silu(h_t) * torch.bmm(w3.to(x.dtype), x_t)  # SwiGLU
     else:
-        h = F.gelu(h, approximate="tanh")
-    return torch.bmm(h, w2.to(x.dtype).transpose(1, 2))  # (E, M, D)
+        h_t = F.gelu(h_t, approximate="tanh")
+    return torch.bmm(w2.to(x.dtype), h_t).transpose(1, 2)  # (E, D, M) -> (E, M, D)
