@@ -1,6 +1,6 @@
 """Where a training step's GPU time goes: torch.profiler over a few steps, top kernels by CUDA time.
 
-python bench/profile_step.py --preset XL --stage 1 [--compile] [--rows 30] [--trace out.json]
+python bench/profile_step.py --preset XL --stage 1 [--compile [MODE]] [--rows 30] [--trace out.json]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--preset", default="XL")
     parser.add_argument("--stage", type=int, default=1)
     parser.add_argument("--micro-batch", type=int, default=None)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, help="torch.compile mode")
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--trace", default=None, help="write a Chrome trace here")
     parser.add_argument("--ds", default=None, help="DeepSpeed config (run under the deepspeed launcher)")

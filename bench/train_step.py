@@ -2,6 +2,7 @@
 
     python bench/train_step.py --preset XL --stages 1 2 3 4                     # one GPU, plain PyTorch
     python bench/train_step.py --preset XL --stages 1 --compile                 # with torch.compile
+    python bench/train_step.py --preset XL --stages 2 --compile reduce-overhead # ... and CUDA graphs
     deepspeed --num_gpus 2 bench/train_step.py --preset XL --ds ds_configs/zero3.json --stages 1 2
     deepspeed --num_gpus 4 bench/train_step.py --ds ds_configs/zero2_ep.json --ep 4 \
         --global-batch 2048 --warmup 1 --steps 3 --breakdown --moe-load   # the recipe's batch
@@ -35,13 +36,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from step_breakdown import kinds_markdown, profile_breakdown  # noqa: E402
 from step_breakdown import markdown as breakdown_markdown  # noqa: E402
-from step_breakdown import profile_breakdown  # noqa: E402
 
 from sedit import distributed  # noqa: E402
 from sedit.config import build_config  # noqa: E402
 from sedit.edm import EDMLoss, EDMPrecond  # noqa: E402
-from sedit.flops import train_flops_per_image  # noqa: E402
+from sedit.flops import forward_flops_per_image, train_flops_per_image  # noqa: E402
 from sedit.metrics import moe_layers, record_routing  # noqa: E402
 from sedit.model import build_model  # noqa: E402
 from sedit.moe.routing import expert_load, routing_stats  # noqa: E402
@@ -116,8 +117,9 @@ def make_step(cfg, args, device) -> Runner:
 
         ds = resolve_ds_config(load_ds_config(args.ds), cfg, world, args.ep)
         engine, _ = build_engine(cfg, ds)
+        engine.module.net.use_grid(side // cfg.model.patch_size)
         if args.compile:
-            engine.compile()
+            engine.compile(compile_kwargs={"mode": args.compile})
 
         def ds_loss():
             return loss_fn(engine, latents.bfloat16(), captions.bfloat16(), mask)
@@ -133,8 +135,9 @@ def make_step(cfg, args, device) -> Runner:
 
     torch.manual_seed(0)
     net = build_model(cfg.model).to(device)
+    net.use_grid(side // cfg.model.patch_size)  # outside the compiled forward
     precond = EDMPrecond(net, cfg.diffusion.sigma_data)
-    model = torch.compile(precond) if args.compile else precond
+    model = torch.compile(precond, mode=args.compile) if args.compile else precond
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
 
     def plain_loss():
@@ -150,7 +153,7 @@ def make_step(cfg, args, device) -> Runner:
             opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    setup = "single GPU, bf16 autocast, fused AdamW" + (", torch.compile" if args.compile else "")
+    setup = "single GPU, bf16 autocast, fused AdamW" + (f", torch.compile {args.compile}" if args.compile else "")
     return Runner(plain_micro_step, accumulation, setup, precond, plain_loss)
 
 
@@ -253,7 +256,14 @@ def bench_stage(stage: int, args, device, ceiling: float) -> dict:
         "gpu": torch.cuda.get_device_name(device),
     }
     if args.breakdown:
-        row["breakdown_per_rank"] = distributed.gather_objects(profile_breakdown(runner.step, 1))
+        trace = Path(args.trace) / f"trace-stage{stage}-rank{distributed.rank()}.json" if args.trace else None
+        parts = distributed.gather_objects(profile_breakdown(runner.step, 1, trace))
+        row["breakdown_per_rank"] = parts
+        matmul_ms = parts[0]["compute_by_kind_ms"].get("matmul")
+        if matmul_ms:  # the rate of the matmul kernels alone (attention products are not in them)
+            side = cfg.stage.resolution // cfg.stage.latent_downsample
+            matmul_flops = 3 * forward_flops_per_image(cfg.model, side, cfg.stage.mask_ratio, attention=False)
+            row["matmul_kernel_tflops"] = images_per_step * matmul_flops / (matmul_ms / 1e3) / 1e12
     if args.moe_load:
         row["moe_load"] = moe_load(runner)
     return row
@@ -291,12 +301,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--micro-batch", type=int, default=None, help="override the per-stage micro-batch")
     parser.add_argument("--ds", default=None, help="DeepSpeed config; run under the deepspeed launcher")
     parser.add_argument("--ep", type=int, default=None, help="expert-parallel size (DeepSpeed runs)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        help="torch.compile the model, in this mode (reduce-overhead: CUDA graphs)",
+    )
     parser.add_argument("--global-batch", type=int, default=None, help="accumulate to this batch (all GPUs)")
     parser.add_argument("--warmup", type=int, default=5, help="optimizer steps before timing")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps timed")
     parser.add_argument("--breakdown", action="store_true", help="profile one step: compute vs communication")
     parser.add_argument("--moe-load", action="store_true", help="expert load of every MoE layer")
+    parser.add_argument("--trace", default=None, help="with --breakdown: keep each rank's Chrome trace in this folder")
     parser.add_argument("--json", default=None, help="append JSON lines here (rank 0)")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args(argv)
@@ -317,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     distributed.print0(markdown(rows))
     if args.breakdown:
         distributed.print0(breakdown_markdown(rows))
+        distributed.print0(kinds_markdown(rows))
 
 
 if __name__ == "__main__":

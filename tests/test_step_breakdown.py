@@ -46,6 +46,27 @@ def test_kernels_are_classified_by_name(name, kind):
     assert step_breakdown.kernel_class(name) == kind
 
 
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
+        ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNN", "matmul"),
+        ("cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_bf16_bf16_128x256x64", "matmul"),
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>", "attention"),
+        ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", "attention"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64", "attention"),
+        ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", "optimizer and clipping"),
+        ("void at::native::sbtopk::gatherTopK<float, unsigned int, 3, false>", "routing and indexing"),
+        ("void at::native::indexFuncLargeIndex<c10::BFloat16, long>", "routing and indexing"),
+        ("triton_per_fused_add_mul_native_layer_norm_0", "fused elementwise (compiled)"),
+        ("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>", "other elementwise and copies"),
+        ("Memcpy DtoD (Device -> Device)", "other elementwise and copies"),
+    ],
+)
+def test_compute_kernels_are_split_by_kind(name, kind):
+    assert step_breakdown.compute_kind(name) == kind
+
+
 def test_union_length_counts_overlaps_once():
     assert step_breakdown.union_length([]) == 0
     assert step_breakdown.union_length([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
@@ -54,7 +75,7 @@ def test_union_length_counts_overlaps_once():
 
 def test_breakdown_splits_the_window_into_parts_that_add_up():
     events = [
-        kernel("gemm", 0, 100),
+        kernel("sm90_xmma_gemm_bf16", 0, 100),
         kernel("ncclDevKernel_SendRecv", 80, 130),  # 30 us of it after compute ends: exposed
         kernel("ncclDevKernel_AllGather_RING_LL", 90, 140),  # exposed only where neither runs: 130..140
         kernel("Memcpy HtoD", 160, 170, cat="gpu_memcpy"),
@@ -74,6 +95,13 @@ def test_breakdown_splits_the_window_into_parts_that_add_up():
     assert parts["all_to_all_ms"] == pytest.approx(50 * us)
     assert parts["collectives_ms"] == pytest.approx(50 * us)
     assert parts["kernels"] == 2.5
+    # summed kernel time of compute kernels only, per kind, per step
+    assert parts["compute_by_kind_ms"] == pytest.approx({"matmul": 100 * us, "other elementwise and copies": 110 * us})
+    assert list(parts["compute_by_kind_ms"]) == ["other elementwise and copies", "matmul"]  # largest first
+    assert parts["top_kernels_ms"] == pytest.approx(
+        {"elementwise": 100 * us, "sm90_xmma_gemm_bf16": 100 * us, "Memcpy HtoD": 10 * us}
+    )
+    assert len(step_breakdown.breakdown(events, steps=2, top=1)["top_kernels_ms"]) == 1
 
 
 def test_breakdown_refuses_a_trace_without_gpu_activity():
@@ -117,3 +145,55 @@ def test_moe_load_reports_every_layer_with_expert_choice_invariants():
         assert 0 <= row["dropped_fraction"] < 1
         assert row["importance_max_over_min"] >= 1
         assert 0 < row["router_entropy"] <= torch.log(torch.tensor(float(cfg.model.num_experts))).item() + 1e-6
+
+
+def test_kinds_table_shows_rank_zeros_time_and_share_per_kind():
+    by_kind = {"matmul": 30.0, "attention": 10.0}
+    rows = [
+        {"stage": 1, "setup": "compiled", "breakdown_per_rank": [{"compute_by_kind_ms": by_kind}, {}]},
+        {"stage": 2, "setup": "no profile"},
+    ]
+    lines = step_breakdown.kinds_markdown(rows).splitlines()
+    assert len(lines) == 3  # header, rule, the one profiled set-up
+    cells = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    assert cells[:4] == ["1", "compiled", "10.0 (25%)", "30.0 (75%)"]  # attention, then matmul
+    assert cells[4:] == ["0.0 (0%)"] * 4
+
+
+def test_attention_bench_lists_every_attention_call_of_one_forward():
+    attention = load_bench("attention")
+    from sedit.presets import preset
+
+    cfg = preset("XL")
+    calls = attention.attention_calls(cfg, 1)  # 256 px, 75% masked, micro-batch 128
+    assert len(calls) == 1 + 2 * cfg.mixer_depth + 2 * cfg.depth  # caption encoder, then self + cross per block
+    assert calls[0] == (128, cfg.width // cfg.head_dim, cfg.caption_len, cfg.caption_len)
+    assert calls[1] == (128, cfg.mixer_width // cfg.head_dim, 256, 256)  # the mixer sees all 16x16 tokens
+    assert calls[2] == (128, cfg.mixer_width // cfg.head_dim, 256, cfg.caption_len)
+    assert {c[2] for c in calls[1 + 2 * cfg.mixer_depth :]} == {64}  # the backbone sees the 64 kept ones
+    assert calls[-2][1] == cfg.width // cfg.head_dim  # the last block's attention is full width
+    assert {c[2] for c in attention.attention_calls(cfg, 4)[1:]} == {1024}  # 512 px unmasked
+
+
+def test_trace_launchers_ties_kernels_to_the_host_operator_that_launched_them():
+    trace_launchers = load_bench("trace_launchers")
+
+    def launch(tid: int, ts: float, correlation: int) -> dict:
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": tid, "ts": ts, "dur": 2,
+                "args": {"correlation": correlation}}  # fmt: skip
+
+    events = [
+        {"ph": "X", "cat": "cpu_op", "name": "AccumulateGrad", "tid": 1, "ts": 0, "dur": 100},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::copy_", "tid": 1, "ts": 10, "dur": 20},
+        launch(1, 12, 7),
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "tid": 2, "ts": 40, "dur": 20},
+        launch(2, 45, 8),
+        {"ph": "X", "cat": "kernel", "name": "direct_copy_kernel", "ts": 200, "dur": 300, "args": {"correlation": 7}},
+        {"ph": "X", "cat": "kernel", "name": "direct_copy_kernel", "ts": 600, "dur": 100, "args": {"correlation": 8}},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 800, "dur": 900, "args": {"correlation": 8}},
+    ]
+    rows = trace_launchers.launchers(events, ["direct_copy"])
+    assert rows == [
+        ("direct_copy_kernel", ("AccumulateGrad", "aten::copy_"), 1, 300),
+        ("direct_copy_kernel", ("aten::mm",), 1, 100),
+    ]
