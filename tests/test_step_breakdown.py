@@ -197,3 +197,19 @@ def test_trace_launchers_ties_kernels_to_the_host_operator_that_launched_them():
         ("direct_copy_kernel", ("AccumulateGrad", "aten::copy_"), 1, 300),
         ("direct_copy_kernel", ("aten::mm",), 1, 100),
     ]
+
+
+def test_compiled_stages_refuses_more_stages_than_gpus(tmp_path):
+    import os
+    import subprocess
+
+    run = subprocess.run(
+        ["bash", str(ROOT / "bench" / "compiled_stages.sh"), str(tmp_path / "out"), "1 2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+    )
+    assert run.returncode == 2
+    assert "2 stages but 0 GPUs" in run.stderr
+    assert not list((tmp_path / "out").glob("*.jsonl"))  # nothing started
