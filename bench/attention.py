@@ -21,11 +21,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train_step import STAGES  # noqa: E402
+from train_step import STAGES, stage_config  # noqa: E402
 
 from sedit.masking import kept_count  # noqa: E402
 from sedit.model import backbone_shapes, mixer_shapes  # noqa: E402
-from sedit.presets import preset  # noqa: E402
 
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -34,11 +33,12 @@ BACKENDS = {
 }
 
 
-def attention_calls(cfg, stage: int, micro_batch: int | None = None) -> list[tuple[int, int, int, int]]:
+def attention_calls(preset_name: str, stage: int) -> list[tuple[int, int, int, int]]:
     """(images, heads, query tokens, key tokens) of every attention call in one forward."""
-    resolution, mask, default_batch = STAGES[stage]
-    n = micro_batch or default_batch
-    tokens = (resolution // 8 // cfg.patch_size) ** 2
+    config = stage_config(preset_name, stage, None, 1)
+    cfg, n = config.model, config.stage.micro_batch
+    tokens = (config.stage.resolution // config.stage.latent_downsample // cfg.patch_size) ** 2
+    mask = config.stage.mask_ratio
     kept = kept_count(tokens, mask) if mask > 0 else tokens
     heads = lambda width: width // cfg.head_dim  # noqa: E731
     calls = [(n, heads(cfg.width), cfg.caption_len, cfg.caption_len)]  # caption encoder
@@ -58,10 +58,10 @@ def time_backend(calls, backend, head_dim: int, reps: int = 10) -> float:
         v = torch.randn(n, h, tk, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         tensors.append((q, k, v, torch.randn(n, h, tq, head_dim, device="cuda", dtype=torch.bfloat16)))
 
-    def run():
+    def run():  # gradients returned, not accumulated into .grad (no extra add kernels timed)
         with sdpa_kernel(backend):
             for q, k, v, grad in tensors:
-                F.scaled_dot_product_attention(q, k, v).backward(grad)
+                torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), grad)
 
     run()
     times = []
@@ -81,15 +81,15 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4], choices=sorted(STAGES))
     parser.add_argument("--json", default=None, help="append JSON lines here")
     args = parser.parse_args()
-    cfg = preset(args.preset)
     head = "| stage | calls | " + " | ".join(f"{name} ms" for name in BACKENDS) + " |"
     lines = [head, "|---" * (len(BACKENDS) + 2) + "|"]
     for stage in args.stages:
-        calls = attention_calls(cfg, stage)
+        calls = attention_calls(args.preset, stage)
+        head_dim = stage_config(args.preset, stage, None, 1).model.head_dim
         row = {"preset": args.preset, "stage": stage, "calls": len(calls), "gpu": torch.cuda.get_device_name()}
         for name, backend in BACKENDS.items():
             try:
-                row[f"{name}_ms"] = time_backend(calls, backend, cfg.head_dim)
+                row[f"{name}_ms"] = time_backend(calls, backend, head_dim)
             except RuntimeError as err:  # a backend that refuses these shapes
                 row[f"{name}_ms"] = None
                 row[f"{name}_error"] = str(err).splitlines()[0]

@@ -2,8 +2,8 @@
 # Eager and compiled single-GPU training steps for several stages at once, one stage per GPU:
 #   bash bench/compiled_stages.sh OUT_DIR "STAGES" [COMPILE_MODE] [PRESET]
 # e.g. bash bench/compiled_stages.sh out "1 2 3 4" reduce-overhead     (a 4-GPU host: all stages in one go)
-# Stage k of the list runs on the k-th visible GPU: first all eager runs side by side (they are short and
-# host-sensitive, so none of them shares the host with a compile), then all compiled runs side by side
+# Stage k of the list runs on the k-th visible GPU (of CUDA_VISIBLE_DEVICES if set): first all eager runs
+# side by side (short and host-sensitive: none shares the host with a compile), then all compiled runs side by side
 # (compiling is CPU-bound: each gets an equal share of the cores). Each run has the --breakdown split.
 # Writes OUT_DIR/eager-s<k>.jsonl, OUT_DIR/compiled-s<k>.jsonl and a log per run.
 set -uo pipefail
@@ -18,7 +18,11 @@ if [ "${#list[@]}" -gt "$gpus" ]; then
   echo "compiled_stages.sh: ${#list[@]} stages but $gpus GPUs; run fewer stages at a time" >&2
   exit 2
 fi
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(($(nproc) / ${#list[@]}))}
+threads=$(($(nproc) / ${#list[@]})); [ "$threads" -ge 1 ] || threads=1
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$threads}
+# the i-th stage takes the i-th visible GPU: of the caller's CUDA_VISIBLE_DEVICES if set, else of all
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then IFS=, read -ra devices <<<"$CUDA_VISIBLE_DEVICES"
+else read -ra devices <<<"$(seq -s ' ' 0 $((gpus - 1)))"; fi
 
 side_by_side() {  # side_by_side KIND [train_step.py arguments]: one run per stage, each on its own GPU
   local kind=$1; shift
@@ -26,7 +30,7 @@ side_by_side() {  # side_by_side KIND [train_step.py arguments]: one run per sta
   for i in "${!list[@]}"; do
     local s=${list[$i]}
     rm -f "$out/$kind-s$s.jsonl"
-    CUDA_VISIBLE_DEVICES=$i python3 bench/train_step.py --preset "$preset" --stages "$s" --breakdown "$@" \
+    CUDA_VISIBLE_DEVICES=${devices[$i]} python3 bench/train_step.py --preset "$preset" --stages "$s" --breakdown "$@" \
       --json "$out/$kind-s$s.jsonl" >"$out/$kind-s$s.log" 2>&1 &
     pids+=($!)
   done

@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train_step import make_step, stage_config  # noqa: E402
+from train_step import COMPILE_MODES, make_step, stage_config  # noqa: E402
 
 from sedit import distributed  # noqa: E402
 
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--preset", default="XL")
     parser.add_argument("--stage", type=int, default=1)
     parser.add_argument("--micro-batch", type=int, default=None)
-    parser.add_argument("--compile", nargs="?", const="default", default=None, help="torch.compile mode")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES)
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--trace", default=None, help="write a Chrome trace here")
     parser.add_argument("--ds", default=None, help="DeepSpeed config (run under the deepspeed launcher)")

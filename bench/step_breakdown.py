@@ -45,7 +45,7 @@ def kernel_class(name: str) -> str:
 # Checked in this order: an attention kernel's name may also hold "cutlass" or "sm90", a fused
 # optimizer's "multi_tensor_apply" also names the clipping norms (which belong with it).
 COMPUTE_KINDS = (
-    ("attention", ("flash", "fmha", "sdpa", "attention")),
+    ("attention", ("flash", "fmha", "sdpa", "attention", "cudnn")),  # cuDNN's SDPA backward has helper kernels
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")),
     ("optimizer and clipping", ("adam", "multi_tensor_apply")),
     ("routing and indexing", ("topk", "sort", "radix", "scatter", "gather", "index")),

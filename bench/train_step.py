@@ -50,6 +50,7 @@ from sedit.moe.routing import expert_load, routing_stats  # noqa: E402
 MOE_SCALARS = ("router_entropy", "dropped_fraction", "experts_per_token")
 
 STAGES = {1: (256, 0.75, 128), 2: (256, 0.0, 64), 3: (512, 0.75, 32), 4: (512, 0.0, 16)}
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs"]  # reduce-overhead: CUDA graphs
 
 
 def matmul_ceiling(device: torch.device, n: int = 8192, reps: int = 20) -> float:
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         nargs="?",
         const="default",
         default=None,
-        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        choices=COMPILE_MODES,
         help="torch.compile the model, in this mode (reduce-overhead: CUDA graphs)",
     )
     parser.add_argument("--global-batch", type=int, default=None, help="accumulate to this batch (all GPUs)")
@@ -318,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="append JSON lines here (rank 0)")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args(argv)
+    if args.trace:
+        Path(args.trace).mkdir(parents=True, exist_ok=True)
     distributed.apply_launcher_env(args.local_rank)
     device = distributed.start() if args.ds else distributed.device()
     torch.cuda.set_device(device)

@@ -55,6 +55,8 @@ def test_kernels_are_classified_by_name(name, kind):
         ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>", "attention"),
         ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", "attention"),
         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64", "attention"),
+        ("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*, void const*)", "attention"),
+        ("void cudnn::fusion::convert_dq_to_16bits<true>(void const*, void*, unsigned int)", "attention"),
         ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", "optimizer and clipping"),
         ("void at::native::sbtopk::gatherTopK<float, unsigned int, 3, false>", "routing and indexing"),
         ("void at::native::indexFuncLargeIndex<c10::BFloat16, long>", "routing and indexing"),
@@ -165,14 +167,14 @@ def test_attention_bench_lists_every_attention_call_of_one_forward():
     from sedit.presets import preset
 
     cfg = preset("XL")
-    calls = attention.attention_calls(cfg, 1)  # 256 px, 75% masked, micro-batch 128
+    calls = attention.attention_calls("XL", 1)  # 256 px, 75% masked, micro-batch 128
     assert len(calls) == 1 + 2 * cfg.mixer_depth + 2 * cfg.depth  # caption encoder, then self + cross per block
     assert calls[0] == (128, cfg.width // cfg.head_dim, cfg.caption_len, cfg.caption_len)
     assert calls[1] == (128, cfg.mixer_width // cfg.head_dim, 256, 256)  # the mixer sees all 16x16 tokens
     assert calls[2] == (128, cfg.mixer_width // cfg.head_dim, 256, cfg.caption_len)
     assert {c[2] for c in calls[1 + 2 * cfg.mixer_depth :]} == {64}  # the backbone sees the 64 kept ones
     assert calls[-2][1] == cfg.width // cfg.head_dim  # the last block's attention is full width
-    assert {c[2] for c in attention.attention_calls(cfg, 4)[1:]} == {1024}  # 512 px unmasked
+    assert {c[2] for c in attention.attention_calls("XL", 4)[1:]} == {1024}  # 512 px unmasked
 
 
 def test_trace_launchers_ties_kernels_to_the_host_operator_that_launched_them():

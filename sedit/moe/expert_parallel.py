@@ -139,7 +139,8 @@ class ExpertChoiceEPLayer(AutoEPMoELayer):
         received = self._all_to_all(tokens.reshape(e * m, d))  # (S*E_l*M, D): [source][local expert][M]
         local = received.view(s, el, m, d).transpose(0, 1).reshape(el, s * m, d)  # (E_l, S*M, D)
         out = self.experts(local)  # (E_l, S*M, D)
-        back = out.view(el, s, m, d).transpose(0, 1).reshape(s * el * m, d)  # (S*E_l*M, D)
+        # contiguous: with one local expert the reshape is a strided view of the experts' output
+        back = out.view(el, s, m, d).transpose(0, 1).reshape(s * el * m, d).contiguous()  # (S*E_l*M, D)
         return self._all_to_all(back).view(e, m, d)  # (E, M, D): every expert's output for our tokens
 
     # route this rank's images, dispatch, run_experts (all-to-all above), combine: the single-process steps
