@@ -33,9 +33,9 @@ BACKENDS = {
 }
 
 
-def attention_calls(preset_name: str, stage: int) -> list[tuple[int, int, int, int]]:
-    """(images, heads, query tokens, key tokens) of every attention call in one forward."""
-    config = stage_config(preset_name, stage, None, 1)
+def attention_calls(config) -> list[tuple[int, int, int, int]]:
+    """(images, heads, query tokens, key tokens) of every attention call in one forward of a stage's
+    config (``train_step.stage_config``)."""
     cfg, n = config.model, config.stage.micro_batch
     tokens = (config.stage.resolution // config.stage.latent_downsample // cfg.patch_size) ** 2
     mask = config.stage.mask_ratio
@@ -84,8 +84,8 @@ def main() -> None:
     head = "| stage | calls | " + " | ".join(f"{name} ms" for name in BACKENDS) + " |"
     lines = [head, "|---" * (len(BACKENDS) + 2) + "|"]
     for stage in args.stages:
-        calls = attention_calls(args.preset, stage)
-        head_dim = stage_config(args.preset, stage, None, 1).model.head_dim
+        config = stage_config(args.preset, stage, None, 1)
+        calls, head_dim = attention_calls(config), config.model.head_dim
         row = {"preset": args.preset, "stage": stage, "calls": len(calls), "gpu": torch.cuda.get_device_name()}
         for name, backend in BACKENDS.items():
             try:

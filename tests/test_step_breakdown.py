@@ -167,14 +167,15 @@ def test_attention_bench_lists_every_attention_call_of_one_forward():
     from sedit.presets import preset
 
     cfg = preset("XL")
-    calls = attention.attention_calls("XL", 1)  # 256 px, 75% masked, micro-batch 128
+    calls = attention.attention_calls(train_step.stage_config("XL", 1, None, 1))  # 256 px, 75% masked, 128 images
     assert len(calls) == 1 + 2 * cfg.mixer_depth + 2 * cfg.depth  # caption encoder, then self + cross per block
     assert calls[0] == (128, cfg.width // cfg.head_dim, cfg.caption_len, cfg.caption_len)
     assert calls[1] == (128, cfg.mixer_width // cfg.head_dim, 256, 256)  # the mixer sees all 16x16 tokens
     assert calls[2] == (128, cfg.mixer_width // cfg.head_dim, 256, cfg.caption_len)
     assert {c[2] for c in calls[1 + 2 * cfg.mixer_depth :]} == {64}  # the backbone sees the 64 kept ones
     assert calls[-2][1] == cfg.width // cfg.head_dim  # the last block's attention is full width
-    assert {c[2] for c in attention.attention_calls("XL", 4)[1:]} == {1024}  # 512 px unmasked
+    stage4 = train_step.stage_config("XL", 4, None, 1)
+    assert {c[2] for c in attention.attention_calls(stage4)[1:]} == {1024}  # 512 px unmasked
 
 
 def test_trace_launchers_ties_kernels_to_the_host_operator_that_launched_them():
