@@ -140,6 +140,9 @@ def make_step(cfg, args, device) -> Runner:
     precond = EDMPrecond(net, cfg.diffusion.sigma_data)
     model = torch.compile(precond, mode=args.compile) if args.compile else precond
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    if accumulation > 1:  # gradients accumulate in buffers of their own, not in a CUDA graph's reused outputs
+        for p in net.parameters():
+            p.grad = torch.zeros_like(p)
 
     def plain_loss():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -151,7 +154,7 @@ def make_step(cfg, args, device) -> Runner:
         if last:
             torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.stage.grad_clip, foreach=True)
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=accumulation == 1)
         return loss.detach()
 
     setup = "single GPU, bf16 autocast, fused AdamW" + (f", torch.compile {args.compile}" if args.compile else "")
