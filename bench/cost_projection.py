@@ -32,8 +32,12 @@ from sedit.config import load_config  # noqa: E402
 RECIPE = [ROOT / "configs" / "xl" / f"stage{k}.yaml" for k in (1, 2, 3, 4)]
 
 
-def measured_rates(paths: list[str], setup: str, gpu: str | None = None) -> dict[int, dict]:
-    """Stage -> the last row with this ``setup`` (and a ``gpu`` name containing ``gpu``)."""
+def measured_rates(
+    paths: list[str], setup: str, gpu: str | None = None, micro_batches: dict[int, int] | None = None
+) -> dict[int, dict]:
+    """Stage -> the last row with this ``setup`` (and a ``gpu`` name containing ``gpu``; and, for the
+    stages in ``micro_batches``, that micro-batch)."""
+    micro_batches = micro_batches or {}
     rows: dict[int, dict] = {}
     for path in paths:
         for number, line in enumerate(Path(path).read_text().splitlines(), 1):
@@ -43,8 +47,12 @@ def measured_rates(paths: list[str], setup: str, gpu: str | None = None) -> dict
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{number}: not a JSON line ({err.msg})") from None
-            if row.get("setup") == setup and (gpu is None or gpu in row.get("gpu", "")):
-                rows[int(row["stage"])] = {**row, "source": Path(path).name}
+            stage = int(row["stage"])
+            if row.get("setup") != setup or (gpu is not None and gpu not in row.get("gpu", "")):
+                continue
+            if stage in micro_batches and row.get("micro_batch") != micro_batches[stage]:
+                continue
+            rows[stage] = {**row, "source": Path(path).name}
     return rows
 
 
@@ -60,7 +68,8 @@ def project(rates: dict[int, dict], gpus: int, price: float) -> list[dict]:
             gpu_hours = images / rate / 3600
             entry |= {
                 "images_per_s_per_gpu": rate,
-                "measured_on": f"{rates[k]['world_size']} x {rates[k].get('gpu', '?')} ({rates[k]['source']})",
+                "measured_on": f"micro-batch {rates[k].get('micro_batch', '?')}, {rates[k]['world_size']} x "
+                f"{rates[k].get('gpu', '?')} ({rates[k]['source']})",
                 "gpu_hours": gpu_hours,
                 "days": gpu_hours / gpus / 24,
                 "cost": gpu_hours * price,
@@ -93,6 +102,14 @@ def markdown(plan: list[dict], gpus: int, price: float, setup: str) -> str:
     return "\n".join(lines)
 
 
+def stage_micro_batch(text: str) -> tuple[int, int]:
+    """'1=256' -> (1, 256)."""
+    stage, sep, size = text.partition("=")
+    if not (sep and stage.strip().isdigit() and size.strip().isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected STAGE=MICRO_BATCH, e.g. 1=256")
+    return int(stage), int(size)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="bench/train_step.py JSON-lines files, oldest first")
@@ -100,8 +117,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--gpu", default=None, help="only rows whose GPU name contains this (e.g. H100)")
     parser.add_argument("--gpus", type=int, default=8, help="GPUs of the projected run")
     parser.add_argument("--price", type=float, default=2.0, help="dollars per GPU-hour")
+    parser.add_argument(
+        "--micro-batch",
+        action="append",
+        default=[],
+        metavar="STAGE=N",
+        type=stage_micro_batch,
+        help="use only rows of this micro-batch for this stage (repeat per stage)",
+    )
     args = parser.parse_args(argv)
-    rates = measured_rates(args.results, args.setup, args.gpu)
+    rates = measured_rates(args.results, args.setup, args.gpu, dict(args.micro_batch))
     if not rates:
         parser.error(f"no row with setup {args.setup!r} in {', '.join(args.results)}")
     plan = project(rates, args.gpus, args.price)

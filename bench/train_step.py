@@ -131,7 +131,7 @@ def make_step(cfg, args, device) -> Runner:
             engine.step()  # steps the optimizer only at the accumulation boundary
             return loss.detach()
 
-        setup = f"deepspeed {Path(args.ds).name} ep={ds['expert_parallel']['autoep_size']}"
+        setup = f"deepspeed {Path(args.ds).name} ep={ds['expert_parallel']['autoep_size']}" + compiled_suffix(args)
         return Runner(ds_micro_step, accumulation, setup, engine.module, ds_loss)
 
     torch.manual_seed(0)
@@ -157,8 +157,13 @@ def make_step(cfg, args, device) -> Runner:
             opt.zero_grad(set_to_none=accumulation == 1)
         return loss.detach()
 
-    setup = "single GPU, bf16 autocast, fused AdamW" + (f", torch.compile {args.compile}" if args.compile else "")
+    setup = "single GPU, bf16 autocast, fused AdamW" + compiled_suffix(args)
     return Runner(plain_micro_step, accumulation, setup, precond, plain_loss)
+
+
+def compiled_suffix(args) -> str:
+    """What a row's ``setup`` adds when the model is compiled (rows are matched by setup later)."""
+    return f", torch.compile {args.compile}" if args.compile else ""
 
 
 def time_steps(runner: Runner, steps: int) -> tuple[list[float], list[float], list[float], torch.Tensor]:

@@ -21,8 +21,21 @@ def write_rows(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def row(stage: int, rate: float, setup: str = "deepspeed zero2_ep.json ep=2", gpu: str = "NVIDIA H200") -> dict:
-    return {"stage": stage, "setup": setup, "gpu": gpu, "world_size": 2, "images_per_s_per_gpu": rate}
+def row(
+    stage: int,
+    rate: float,
+    setup: str = "deepspeed zero2_ep.json ep=2",
+    gpu: str = "NVIDIA H200",
+    micro_batch: int = 64,
+) -> dict:
+    return {
+        "stage": stage,
+        "setup": setup,
+        "gpu": gpu,
+        "world_size": 2,
+        "images_per_s_per_gpu": rate,
+        "micro_batch": micro_batch,
+    }
 
 
 def test_projection_follows_the_recipe_and_the_last_matching_measurement(tmp_path, capsys):
@@ -51,3 +64,16 @@ def test_bad_lines_and_missing_setups_are_named(tmp_path):
     good = write_rows(tmp_path / "good.jsonl", [row(1, 1.0)])
     with pytest.raises(SystemExit):
         cost_projection.main([good, "--setup", "single GPU"])
+
+
+def test_micro_batch_picks_rows_per_stage(tmp_path, capsys):
+    rows = [row(1, 100.0, micro_batch=128), row(1, 120.0, micro_batch=256), row(2, 50.0, micro_batch=64)]
+    path = write_rows(tmp_path / "rows.jsonl", rows)
+    setup = ["--setup", "deepspeed zero2_ep.json ep=2"]
+    assert cost_projection.main([path, *setup])[0]["images_per_s_per_gpu"] == 120.0  # the last row
+    plan = cost_projection.main([path, *setup, "--micro-batch", "1=128", "--micro-batch", "2=64"])
+    assert [e.get("images_per_s_per_gpu") for e in plan] == [100.0, 50.0, None, None]
+    assert "| 100 (micro-batch 128, 2 x NVIDIA H200 (rows.jsonl)) |" in capsys.readouterr().out
+    assert "gpu_hours" not in cost_projection.main([path, *setup, "--micro-batch", "2=32"])[1]
+    with pytest.raises(SystemExit):
+        cost_projection.main([path, *setup, "--micro-batch", "one=128"])
