@@ -1,0 +1,185 @@
+"""Host time of a training step, plain PyTorch against DeepSpeed, for XL's parameter structure on the CPU.
+
+    python3 bench/host_overhead.py --ds ds_configs/zero1_ep.json ds_configs/zero2_ep.json ds_configs/zero3.json
+
+The model has XL's modules and parameter tensors (28 backbone blocks, the 6-block patch-mixer, 16 MoE
+layers: one tensor for each of XL's 533) at tiny widths and a tiny batch, so a step's arithmetic is small and
+its time is mostly host work: Python, operator dispatch, loops over parameters. A GPU step launches the
+same host work; where the GPU finishes its kernels sooner than the host issues them, this is the step's
+floor. One process (gloo on the CPU, one thread, expert-parallel size 1, fp32 everywhere so that the
+arithmetic is the same in every set-up); each set-up's forward,
+backward and optimizer step are timed apart (median of --steps after --warmup), the optimizer step
+including DeepSpeed's gradient reduction and clipping, the plain step a foreach clip and AdamW.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sedit.config import build_config  # noqa: E402
+from sedit.edm import EDMLoss, EDMPrecond  # noqa: E402
+from sedit.model import build_model  # noqa: E402
+
+# XL's structure (depth, mixer depth, experts, MoE placement) at widths that make the arithmetic small
+NARROW = {
+    "width": 64,
+    "head_dim": 16,
+    "mixer_width": 32,
+    "ffn_multiple": 16,
+    "caption_dim": 32,
+    "caption_len": 8,
+    "freq_dim": 32,
+    "base_grid": 4,
+}
+
+
+def narrow_config(micro_batch: int = 2):
+    return build_config(
+        {
+            "preset": "XL",
+            "model": NARROW,
+            "stage": {
+                "resolution": 64,
+                "mask_ratio": 0.75,
+                "micro_batch": micro_batch,
+                "global_batch": micro_batch,
+                "grad_clip": 0.25,
+            },
+        }
+    )
+
+
+def timed(fn) -> float:
+    tic = time.perf_counter()
+    fn()
+    return time.perf_counter() - tic
+
+
+def phase_medians(step_phases, warmup: int, steps: int) -> dict[str, float]:
+    """step_phases() -> {phase: seconds}; the median ms of every phase over the timed steps."""
+    for _ in range(warmup):
+        step_phases()
+    runs = [step_phases() for _ in range(steps)]
+    medians = {k: 1e3 * statistics.median(r[k] for r in runs) for k in runs[0]}
+    medians["step"] = 1e3 * statistics.median(sum(r.values()) for r in runs)
+    return medians
+
+
+def plain_phases(cfg, batch):
+    net = build_model(cfg.model)
+    model = EDMPrecond(net, cfg.diffusion.sigma_data)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
+    loss_fn = loss_of(cfg)
+    state = {}
+
+    def forward():
+        state["loss"] = loss_fn(model, *batch, cfg.stage.mask_ratio)
+
+    def optimizer_step():
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.stage.grad_clip, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def step():
+        return {
+            "forward": timed(forward),
+            "backward": timed(lambda: state["loss"].backward()),
+            "optimizer": timed(optimizer_step),
+        }
+
+    return step, sum(1 for _ in net.parameters())
+
+
+def deepspeed_phases(cfg, batch, ds_path: str):
+    from sedit.engine import build_engine, load_ds_config, resolve_ds_config
+
+    ds = resolve_ds_config(load_ds_config(ds_path), cfg, 1, ep_size=1)
+    ds["bf16"] = {"enabled": False}  # the plain step's fp32 arithmetic; ZeRO's loops are the same code
+    engine, _ = build_engine(cfg, ds)
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    latents, captions = (t.to(dtype) for t in batch)
+    loss_fn = loss_of(cfg)
+    state = {}
+
+    def forward():
+        state["loss"] = loss_fn(engine, latents, captions, cfg.stage.mask_ratio)
+
+    def step():
+        return {
+            "forward": timed(forward),
+            "backward": timed(lambda: engine.backward(state["loss"])),
+            "optimizer": timed(engine.step),
+        }
+
+    return step, sum(1 for _ in engine.module.parameters())
+
+
+def loss_of(cfg) -> EDMLoss:
+    return EDMLoss(cfg.diffusion.p_mean, cfg.diffusion.p_std, cfg.diffusion.sigma_data, cfg.model.patch_size)
+
+
+def random_batch(cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    side = cfg.stage.resolution // cfg.stage.latent_downsample
+    n = cfg.stage.micro_batch
+    return torch.randn(n, 4, side, side), torch.randn(n, cfg.model.caption_len, cfg.model.caption_dim)
+
+
+def start_single_process() -> None:
+    """One gloo process on the CPU, as DeepSpeed's engine needs a process group."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", DS_ACCELERATOR="cpu")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    torch.set_num_threads(1)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ds", nargs="*", default=[], help="DeepSpeed configs to time beside the plain step")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=15)
+    args = parser.parse_args(argv)
+    start_single_process()
+    cfg = narrow_config()
+    torch.manual_seed(0)
+    batch = random_batch(cfg)
+    setups = [("plain PyTorch, foreach AdamW", lambda: plain_phases(cfg, batch))]
+    setups += [(f"deepspeed {Path(p).name} ep=1", lambda p=p: deepspeed_phases(cfg, batch, p)) for p in args.ds]
+    rows = []
+    for name, build in setups:
+        step, tensors = build()
+        row = {"setup": name, "parameter_tensors": tensors, **phase_medians(step, args.warmup, args.steps)}
+        row["torch"] = torch.__version__
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(markdown(rows))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    plain = rows[0]["step"]
+    lines = [
+        "| setup | parameter tensors | forward ms | backward ms | optimizer step ms | step ms | vs plain |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['setup']} | {r['parameter_tensors']} | {r['forward']:.1f} | {r['backward']:.1f} | "
+            f"{r['optimizer']:.1f} | {r['step']:.1f} | {r['step'] - plain:+.1f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
