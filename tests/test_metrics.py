@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -206,7 +207,8 @@ def test_wandb_offline_run_under_run_dir_and_resumed(wandb_env):
         log.log(2, {"loss": 0.5})
     assert (run_dir / "wandb_id.txt").read_text().strip() == run_id
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
+    # offline-run-<date>_<time>-<id>; wandb appends -1, -2 when two runs start within the same second
+    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", r.name) for r in runs)
     assert all((r / f"run-{run_id}.wandb").is_file() for r in runs)
     assert sorted(p.name for p in wandb_env.iterdir()) == ["run", "wandb-home"]
 
