@@ -12,8 +12,11 @@ For stage k of the recipe (``configs/xl/stage{k}.yaml``: steps S_k, global batch
 
 r_k is read from ``bench/train_step.py`` JSON lines (``--setup`` must equal a row's ``setup``; with
 several matching rows for a stage, the last one in the order the files are given, so list them oldest
-first). Using a per-GPU rate measured at W GPUs for G GPUs assumes it holds at G: true for the purely
-data-parallel part, optimistic where communication grows with G (ZeRO-3 gathers, the expert all-to-all).
+first; ``--micro-batch 1=256`` keeps only stage 1's rows of that micro-batch). The recipe's global batch
+is what counts images; a row's micro-batch only says how the step was measured (with one optimizer
+step per micro-batch unless the row accumulates). Using a per-GPU rate measured at W GPUs for G GPUs
+assumes it holds at G: true for the purely data-parallel part, optimistic where communication grows
+with G (ZeRO-3 gathers, the expert all-to-all).
 A stage with no measurement is reported as such and the totals say they are partial.
 """
 
@@ -47,9 +50,9 @@ def measured_rates(
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{number}: not a JSON line ({err.msg})") from None
-            stage = int(row["stage"])
             if row.get("setup") != setup or (gpu is not None and gpu not in row.get("gpu", "")):
                 continue
+            stage = int(row["stage"])
             if stage in micro_batches and row.get("micro_batch") != micro_batches[stage]:
                 continue
             rows[stage] = {**row, "source": Path(path).name}
@@ -103,10 +106,12 @@ def markdown(plan: list[dict], gpus: int, price: float, setup: str) -> str:
 
 
 def stage_micro_batch(text: str) -> tuple[int, int]:
-    """'1=256' -> (1, 256)."""
+    """'1=256' -> (1, 256), for the recipe's stages only."""
     stage, sep, size = text.partition("=")
     if not (sep and stage.strip().isdigit() and size.strip().isdigit()):
         raise argparse.ArgumentTypeError(f"{text!r}: expected STAGE=MICRO_BATCH, e.g. 1=256")
+    if not 1 <= int(stage) <= len(RECIPE):
+        raise argparse.ArgumentTypeError(f"{text!r}: the recipe's stages are 1-{len(RECIPE)}")
     return int(stage), int(size)
 
 
@@ -128,7 +133,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     rates = measured_rates(args.results, args.setup, args.gpu, dict(args.micro_batch))
     if not rates:
-        parser.error(f"no row with setup {args.setup!r} in {', '.join(args.results)}")
+        sizes = f" and micro-batches {', '.join(f'{k}={n}' for k, n in args.micro_batch)}" if args.micro_batch else ""
+        parser.error(f"no row with setup {args.setup!r}{sizes} in {', '.join(args.results)}")
     plan = project(rates, args.gpus, args.price)
     print(markdown(plan, args.gpus, args.price, args.setup))
     return plan

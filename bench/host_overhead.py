@@ -7,9 +7,10 @@ layers: one tensor for each of XL's 533) at tiny widths and a tiny batch, so a s
 its time is mostly host work: Python, operator dispatch, loops over parameters. A GPU step launches the
 same host work; where the GPU finishes its kernels sooner than the host issues them, this is the step's
 floor. One process (gloo on the CPU, one thread, expert-parallel size 1, fp32 everywhere so that the
-arithmetic is the same in every set-up); each set-up's forward,
-backward and optimizer step are timed apart (median of --steps after --warmup), the optimizer step
-including DeepSpeed's gradient reduction and clipping, the plain step a foreach clip and AdamW.
+arithmetic is the same in every set-up). Each set-up's forward, backward and optimizer step are timed
+apart (median of --steps after --warmup). DeepSpeed reduces gradients inside ``engine.backward`` and
+clips inside ``engine.step``; the plain step clips (foreach) and steps torch's fused AdamW over the same
+parameter groups that the engine's optimizer gets (weight decay on matrices only).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sedit.config import build_config  # noqa: E402
 from sedit.edm import EDMLoss, EDMPrecond  # noqa: E402
+from sedit.engine import optimizer_groups  # noqa: E402
 from sedit.model import build_model  # noqa: E402
 
 # XL's structure (depth, mixer depth, experts, MoE placement) at widths that make the arithmetic small
@@ -78,7 +80,7 @@ def phase_medians(step_phases, warmup: int, steps: int) -> dict[str, float]:
 def plain_phases(cfg, batch):
     net = build_model(cfg.model)
     model = EDMPrecond(net, cfg.diffusion.sigma_data)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
+    opt = torch.optim.AdamW(optimizer_groups(model, 0.1), lr=1e-4, fused=True)
     loss_fn = loss_of(cfg)
     state = {}
 
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cfg = narrow_config()
     torch.manual_seed(0)
     batch = random_batch(cfg)
-    setups = [("plain PyTorch, foreach AdamW", lambda: plain_phases(cfg, batch))]
+    setups = [("plain PyTorch, fused AdamW", lambda: plain_phases(cfg, batch))]
     setups += [(f"deepspeed {Path(p).name} ep=1", lambda p=p: deepspeed_phases(cfg, batch, p)) for p in args.ds]
     rows = []
     for name, build in setups:

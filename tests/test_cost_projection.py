@@ -75,5 +75,9 @@ def test_micro_batch_picks_rows_per_stage(tmp_path, capsys):
     assert [e.get("images_per_s_per_gpu") for e in plan] == [100.0, 50.0, None, None]
     assert "| 100 (micro-batch 128, 2 x NVIDIA H200 (rows.jsonl)) |" in capsys.readouterr().out
     assert "gpu_hours" not in cost_projection.main([path, *setup, "--micro-batch", "2=32"])[1]
+    for wrong in ("one=128", "7=128"):
+        with pytest.raises(SystemExit):
+            cost_projection.main([path, *setup, "--micro-batch", wrong])
     with pytest.raises(SystemExit):
-        cost_projection.main([path, *setup, "--micro-batch", "one=128"])
+        cost_projection.main([path, *setup, "--micro-batch", "1=512", "--micro-batch", "2=512"])
+    assert "and micro-batches 1=512, 2=512" in capsys.readouterr().err
