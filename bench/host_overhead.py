@@ -1,13 +1,17 @@
 """Host time of a training step, plain PyTorch against DeepSpeed, for XL's parameter structure on the CPU.
 
     python3 bench/host_overhead.py --ds ds_configs/zero1_ep.json ds_configs/zero2_ep.json ds_configs/zero3.json
+    python3 bench/host_overhead.py --ds ds_configs/zero1_ep.json bench/ds_variants/*.json
+
+(``bench/ds_variants/``: ``zero1_ep.json`` with one ZeRO setting changed each: overlapped reduction,
+one 1e9-element bucket, ZeRO stage 0.)
 
 The model has XL's modules and parameter tensors (28 backbone blocks, the 6-block patch-mixer, 16 MoE
 layers: one tensor for each of XL's 533) at tiny widths and a tiny batch, so a step's arithmetic is small and
 its time is mostly host work: Python, operator dispatch, loops over parameters. A GPU step launches the
 same host work; where the GPU finishes its kernels sooner than the host issues them, this is the step's
-floor. One process (gloo on the CPU, one thread, expert-parallel size 1, fp32 everywhere so that the
-arithmetic is the same in every set-up). Each set-up's forward, backward and optimizer step are timed
+floor. One process per set-up (gloo on the CPU, one thread, expert-parallel size 1, fp32 everywhere so
+that the arithmetic is the same in every set-up). Each set-up's forward, backward and optimizer step are timed
 apart (median of --steps after --warmup). DeepSpeed reduces gradients inside ``engine.backward`` and
 clips inside ``engine.step``; the plain step clips (foreach) and steps torch's fused AdamW over the same
 parameter groups that the engine's optimizer gets (weight decay on matrices only).
@@ -18,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -138,12 +144,32 @@ def random_batch(cfg) -> tuple[torch.Tensor, torch.Tensor]:
 
 def start_single_process() -> None:
     """One gloo process on the CPU, as DeepSpeed's engine needs a process group."""
+    with socket.socket() as probe:  # a free port for this process's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", DS_ACCELERATOR="cpu")
-    os.environ.setdefault("MASTER_PORT", "29533")
+    os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
+
+
+PLAIN = "plain"
+
+
+def time_one(setup: str, warmup: int, steps: int) -> dict:
+    """Time one set-up (``plain`` or a DeepSpeed config path) in this process."""
+    start_single_process()
+    cfg = narrow_config()
+    torch.manual_seed(0)
+    batch = random_batch(cfg)
+    if setup == PLAIN:
+        name, (step, tensors) = "plain PyTorch, fused AdamW", plain_phases(cfg, batch)
+    else:
+        name, (step, tensors) = f"deepspeed {Path(setup).name} ep=1", deepspeed_phases(cfg, batch, setup)
+    row = {"setup": name, "parameter_tensors": tensors, **phase_medians(step, warmup, steps)}
+    return row | {"torch": torch.__version__}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -151,20 +177,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--ds", nargs="*", default=[], help="DeepSpeed configs to time beside the plain step")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one set-up, in this process
     args = parser.parse_args(argv)
-    start_single_process()
-    cfg = narrow_config()
-    torch.manual_seed(0)
-    batch = random_batch(cfg)
-    setups = [("plain PyTorch, fused AdamW", lambda: plain_phases(cfg, batch))]
-    setups += [(f"deepspeed {Path(p).name} ep=1", lambda p=p: deepspeed_phases(cfg, batch, p)) for p in args.ds]
+    if args.only:
+        print(json.dumps(time_one(args.only, args.warmup, args.steps)), flush=True)
+        return []
+    # every set-up in a process of its own: ZeRO-3 patches torch functions for the rest of its process
     rows = []
-    for name, build in setups:
-        step, tensors = build()
-        row = {"setup": name, "parameter_tensors": tensors, **phase_medians(step, args.warmup, args.steps)}
-        row["torch"] = torch.__version__
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    for setup in [PLAIN, *args.ds]:
+        command = [sys.executable, __file__, "--only", setup, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+        run = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+        if run.returncode != 0 or not lines:
+            raise SystemExit(f"host_overhead: {setup} failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
+        rows.append(json.loads(lines[-1]))
+        print(lines[-1], flush=True)
     print(markdown(rows))
     return rows
 
