@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.only:
         print(json.dumps(time_one(args.only, args.warmup, args.steps)), flush=True)
         return []
-    # every set-up in a process of its own: ZeRO-3 patches torch functions for the rest of its process
+    # every set-up in a process of its own: after a ZeRO-3 engine, later set-ups in the same process ran slower
     rows = []
     for setup in [PLAIN, *args.ds]:
         command = [sys.executable, __file__, "--only", setup, "--warmup", str(args.warmup), "--steps", str(args.steps)]
