@@ -83,12 +83,16 @@ def phase_medians(step_phases, warmup: int, steps: int) -> dict[str, float]:
     return medians
 
 
+def phased(forward, backward, optimizer_step):
+    """A step that times its three phases: () -> {phase: seconds}."""
+    return lambda: {"forward": timed(forward), "backward": timed(backward), "optimizer": timed(optimizer_step)}
+
+
 def plain_phases(cfg, batch):
     net = build_model(cfg.model)
     model = EDMPrecond(net, cfg.diffusion.sigma_data)
     opt = torch.optim.AdamW(optimizer_groups(model, 0.1), lr=1e-4, fused=True)
-    loss_fn = loss_of(cfg)
-    state = {}
+    loss_fn, state = EDMLoss.from_config(cfg), {}
 
     def forward():
         state["loss"] = loss_fn(model, *batch, cfg.stage.mask_ratio)
@@ -98,14 +102,7 @@ def plain_phases(cfg, batch):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def step():
-        return {
-            "forward": timed(forward),
-            "backward": timed(lambda: state["loss"].backward()),
-            "optimizer": timed(optimizer_step),
-        }
-
-    return step, sum(1 for _ in net.parameters())
+    return phased(forward, lambda: state["loss"].backward(), optimizer_step), sum(1 for _ in net.parameters())
 
 
 def deepspeed_phases(cfg, batch, ds_path: str):
@@ -114,26 +111,13 @@ def deepspeed_phases(cfg, batch, ds_path: str):
     ds = resolve_ds_config(load_ds_config(ds_path), cfg, 1, ep_size=1)
     ds["bf16"] = {"enabled": False}  # the plain step's fp32 arithmetic; ZeRO's loops are the same code
     engine, _ = build_engine(cfg, ds)
-    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
-    latents, captions = (t.to(dtype) for t in batch)
-    loss_fn = loss_of(cfg)
-    state = {}
+    loss_fn, state = EDMLoss.from_config(cfg), {}
 
     def forward():
-        state["loss"] = loss_fn(engine, latents, captions, cfg.stage.mask_ratio)
+        state["loss"] = loss_fn(engine, *batch, cfg.stage.mask_ratio)
 
-    def step():
-        return {
-            "forward": timed(forward),
-            "backward": timed(lambda: engine.backward(state["loss"])),
-            "optimizer": timed(engine.step),
-        }
-
+    step = phased(forward, lambda: engine.backward(state["loss"]), engine.step)
     return step, sum(1 for _ in engine.module.parameters())
-
-
-def loss_of(cfg) -> EDMLoss:
-    return EDMLoss(cfg.diffusion.p_mean, cfg.diffusion.p_std, cfg.diffusion.sigma_data, cfg.model.patch_size)
 
 
 def random_batch(cfg) -> tuple[torch.Tensor, torch.Tensor]:

@@ -105,7 +105,7 @@ class Runner:
 
 def make_step(cfg, args, device) -> Runner:
     """Full training steps (split into micro-steps) of one set-up on random latents and captions."""
-    loss_fn = EDMLoss(cfg.diffusion.p_mean, cfg.diffusion.p_std, cfg.diffusion.sigma_data, cfg.model.patch_size)
+    loss_fn = EDMLoss.from_config(cfg)
     side = cfg.stage.resolution // cfg.stage.latent_downsample
     n = cfg.stage.micro_batch
     latents = torch.randn(n, 4, side, side, device=device) * 0.9

@@ -65,6 +65,12 @@ class EDMLoss:
         self.sigma_data = sigma_data
         self.patch_size = patch_size
 
+    @classmethod
+    def from_config(cls, cfg) -> EDMLoss:
+        """The loss of a run config (``sedit.config.Config``): its diffusion settings and patch size."""
+        d = cfg.diffusion
+        return cls(d.p_mean, d.p_std, d.sigma_data, cfg.model.patch_size)
+
     def sample_sigma(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
         return (torch.randn(n, generator=generator, device=device) * self.p_std + self.p_mean).exp()
 

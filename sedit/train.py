@@ -140,9 +140,7 @@ class Stage:
         self.step, self.seconds = 0, 0.0
         if resuming:
             self.restore()
-        self.loss_fn = EDMLoss(
-            cfg.diffusion.p_mean, cfg.diffusion.p_std, cfg.diffusion.sigma_data, cfg.model.patch_size
-        )
+        self.loss_fn = EDMLoss.from_config(cfg)
         self.grid = SampleGrid(cfg, out / "samples", device, self.rank == 0)
         self.log = MetricsLog(out, cfg, start_step=self.step, total_steps=stage.steps, main=self.rank == 0)
         accum = self.engine.gradient_accumulation_steps()

@@ -156,7 +156,7 @@ def _expert_weights(engine):
 def _train_steps(engine, cfg, latents, captions, steps: int) -> list[float]:
     from sedit.edm import EDMLoss
 
-    loss_fn = EDMLoss(cfg.diffusion.p_mean, cfg.diffusion.p_std, cfg.diffusion.sigma_data, cfg.model.patch_size)
+    loss_fn = EDMLoss.from_config(cfg)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     losses = []
     for _ in range(steps):
@@ -221,7 +221,7 @@ def _reference_gradients(full, cfg, world: int):
     from sedit.edm import EDMLoss, EDMPrecond
 
     precond = EDMPrecond(full, cfg.diffusion.sigma_data)
-    loss_fn = EDMLoss(cfg.diffusion.p_mean, cfg.diffusion.p_std, cfg.diffusion.sigma_data, cfg.model.patch_size)
+    loss_fn = EDMLoss.from_config(cfg)
     total = 0.0
     for r in range(world):
         latents, captions = fixed_batch(r, cfg.stage.micro_batch, cfg)
@@ -251,7 +251,7 @@ def engine_export(rank: int, world: int, ds_name: str, out: Path) -> None:
     latents, captions = fixed_batch(rank, cfg.stage.micro_batch, cfg)
     from sedit.edm import EDMLoss
 
-    loss_fn = EDMLoss(cfg.diffusion.p_mean, cfg.diffusion.p_std, cfg.diffusion.sigma_data, cfg.model.patch_size)
+    loss_fn = EDMLoss.from_config(cfg)
     loss = loss_fn(engine, latents, captions, cfg.stage.mask_ratio, torch.Generator().manual_seed(7 + rank))
     engine.backward(loss)
     worst = 0.0
