@@ -4,6 +4,7 @@
     python bench/train_step.py --preset XL --stages 1 --compile                 # with torch.compile
     python bench/train_step.py --preset XL --stages 2 --compile reduce-overhead # ... and CUDA graphs
     deepspeed --num_gpus 2 bench/train_step.py --preset XL --ds ds_configs/zero3.json --stages 1 2
+    torchrun --nproc_per_node 2 bench/train_step.py --preset XL --dp --stages 1 --compile reduce-overhead
     deepspeed --num_gpus 4 bench/train_step.py --ds ds_configs/zero2_ep.json --ep 4 \
         --global-batch 2048 --warmup 1 --steps 3 --breakdown --moe-load   # the recipe's batch
 
@@ -42,6 +43,7 @@ from step_breakdown import markdown as breakdown_markdown  # noqa: E402
 from sedit import distributed  # noqa: E402
 from sedit.config import build_config  # noqa: E402
 from sedit.edm import EDMLoss, EDMPrecond  # noqa: E402
+from sedit.flat_grads import FlatGradients  # noqa: E402
 from sedit.flops import forward_flops_per_image, train_flops_per_image  # noqa: E402
 from sedit.metrics import moe_layers, record_routing  # noqa: E402
 from sedit.model import build_model  # noqa: E402
@@ -140,13 +142,31 @@ def make_step(cfg, args, device) -> Runner:
     precond = EDMPrecond(net, cfg.diffusion.sigma_data)
     model = torch.compile(precond, mode=args.compile) if args.compile else precond
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
-    if accumulation > 1:  # gradients accumulate in buffers of their own, not in a CUDA graph's reused outputs
-        for p in net.parameters():
-            p.grad = torch.zeros_like(p)
 
     def plain_loss():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return loss_fn(model, latents, captions, mask)
+
+    if args.dp:
+        grads = FlatGradients(net.parameters())
+        scale = grads.loss_scale(accumulation)
+
+        def flat_micro_step(last: bool):
+            loss = plain_loss()
+            (loss * scale).backward()
+            if last:
+                grads.all_reduce_()
+                grads.clip_(cfg.stage.grad_clip)
+                opt.step()
+                grads.zero_()
+            return loss.detach()
+
+        setup = "data parallel, one flat all-reduce, bf16 autocast, fused AdamW" + compiled_suffix(args)
+        return Runner(flat_micro_step, accumulation, setup, precond, plain_loss)
+
+    if accumulation > 1:  # gradients accumulate in buffers of their own, not in a CUDA graph's reused outputs
+        for p in net.parameters():
+            p.grad = torch.zeros_like(p)
 
     def plain_micro_step(last: bool):
         loss = plain_loss()
@@ -311,6 +331,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ds", default=None, help="DeepSpeed config; run under the deepspeed launcher")
     parser.add_argument("--ep", type=int, default=None, help="expert-parallel size (DeepSpeed runs)")
     parser.add_argument(
+        "--dp",
+        action="store_true",
+        help="plain PyTorch with every gradient in one flat buffer, all-reduced once per step (sedit.flat_grads); "
+        "under torchrun or the deepspeed launcher: data parallel over its processes",
+    )
+    parser.add_argument(
         "--compile",
         nargs="?",
         const="default",
@@ -330,7 +356,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.trace:
         Path(args.trace).mkdir(parents=True, exist_ok=True)
     distributed.apply_launcher_env(args.local_rank)
-    device = distributed.start() if args.ds else distributed.device()
+    if args.ds and args.dp:
+        parser.error("--dp is plain PyTorch data parallelism; it does not combine with --ds")
+    device = distributed.start() if args.ds or args.dp else distributed.device()
     torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True
     ceiling = matmul_ceiling(device)

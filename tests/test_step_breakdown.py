@@ -113,7 +113,7 @@ def test_breakdown_refuses_a_trace_without_gpu_activity():
 
 def tiny_runner(global_batch: int):
     cfg = train_step.stage_config("tiny", 1, 2, 1, global_batch)
-    args = argparse.Namespace(ds=None, compile=False)
+    args = argparse.Namespace(ds=None, dp=False, compile=False)
     return cfg, train_step.make_step(cfg, args, torch.device("cpu"))
 
 

@@ -1,0 +1,75 @@
+"""Data parallelism through one flat gradient buffer, for a model whose training state fits one GPU.
+
+Every parameter's ``.grad`` is a view into one contiguous buffer ``g``. Autograd accumulates into
+those views in place, so an optimizer step over R ranks and M micro-batches per rank is
+
+    g = sum_r sum_m grad L_{r,m} / (R * M)      each rank back-propagates L_{r,m} / (R * M),
+                                                 then one all-reduce (sum) of g
+    g <- g * min(1, c / (||g||_2 + 1e-6))       clipping: one norm over the buffer
+
+and then the optimizer. Nothing reads a value back to the host, and the host work per step does not
+grow with the number of parameter tensors (one collective, one norm), unlike a reduction that walks
+the parameters one by one. The price: the gradient is exchanged after the backward, not overlapped
+with it, once per optimizer step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
+
+
+class FlatGradients:
+    """Binds the gradients of ``params`` to one flat buffer; reduces, clips and zeroes it as a whole.
+
+    Call ``zero_()`` instead of the optimizer's ``zero_grad``: setting ``.grad`` to None would cut a
+    parameter loose from the buffer (``bound()`` checks that none was).
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None = None):
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("FlatGradients: no parameter requires a gradient")
+        kinds = {(p.dtype, p.device) for p in self.params}
+        if len(kinds) > 1:
+            found = sorted(map(str, kinds))
+            raise ValueError(f"FlatGradients: parameters must share one dtype and device, got {found}")
+        self.group = group
+        first = self.params[0]
+        self.buffer = torch.zeros(sum(p.numel() for p in self.params), dtype=first.dtype, device=first.device)  # (P,)
+        offset = 0
+        for p in self.params:
+            p.grad = self.buffer[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    def world_size(self) -> int:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(self.group)
+        return 1
+
+    def loss_scale(self, micro_batches: int) -> float:
+        """1 / (R * M): what each micro-batch's loss is multiplied by before its backward."""
+        return 1.0 / (self.world_size() * micro_batches)
+
+    def all_reduce_(self) -> None:
+        """Sum the buffer over ranks (the losses were pre-divided, so the sum is the mean gradient)."""
+        if self.world_size() > 1:
+            dist.all_reduce(self.buffer, group=self.group)
+
+    def clip_(self, max_norm: float) -> torch.Tensor:
+        """Scale the gradient to at most ``max_norm`` in L2 norm; returns the norm before clipping, on device."""
+        norm = torch.linalg.vector_norm(self.buffer)
+        self.buffer.mul_(torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0))
+        return norm
+
+    def zero_(self) -> None:
+        self.buffer.zero_()
+
+    def bound(self) -> bool:
+        """Whether every parameter's gradient is still a view of the buffer."""
+        storage = self.buffer.untyped_storage().data_ptr()
+        return all(p.grad is not None and p.grad.untyped_storage().data_ptr() == storage for p in self.params)

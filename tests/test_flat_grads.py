@@ -1,0 +1,100 @@
+"""sedit.flat_grads: gradients in one flat buffer, reduced once, clipped with one norm."""
+
+import argparse
+import json
+
+import dist_workers
+import pytest
+import torch
+from test_step_breakdown import train_step
+
+from sedit.flat_grads import FlatGradients
+
+
+def mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+
+
+def test_backward_accumulates_into_views_of_one_buffer():
+    model, twin = mlp(), mlp()
+    grads = FlatGradients(model.parameters())
+    assert grads.buffer.numel() == sum(p.numel() for p in model.parameters())
+    x = torch.randn(2, 5, 6)
+    for part in x:
+        model(part).square().sum().backward()
+    twin(x.flatten(0, 1)).square().sum().backward()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert grads.bound()
+    assert torch.equal(grads.buffer, torch.cat([p.grad.flatten() for p in model.parameters()]))  # in order
+    grads.zero_()
+    assert all(not p.grad.any() for p in model.parameters())
+    model.zero_grad(set_to_none=True)  # what the optimizer's zero_grad would do: the views are lost
+    assert not grads.bound()
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # clipping acts / leaves the gradient alone
+def test_clip_matches_torch_and_reads_nothing_back(max_norm):
+    model, twin = mlp(), mlp()
+    grads = FlatGradients(model.parameters())
+    x = torch.randn(4, 6)
+    model(x).square().sum().backward()
+    twin(x).square().sum().backward()
+    norm = grads.clip_(max_norm)
+    ref = torch.nn.utils.clip_grad_norm_(twin.parameters(), max_norm)
+    assert isinstance(norm, torch.Tensor)
+    torch.testing.assert_close(norm, ref)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert torch.linalg.vector_norm(grads.buffer).item() == pytest.approx(min(max_norm, ref.item()), rel=1e-5)
+
+
+def test_refuses_mixed_dtypes_and_no_parameters():
+    model = mlp()
+    model[0].half()
+    with pytest.raises(ValueError, match="one dtype and device"):
+        FlatGradients(model.parameters())
+    with pytest.raises(ValueError, match="no parameter requires a gradient"):
+        FlatGradients([torch.nn.Parameter(torch.zeros(2), requires_grad=False)])
+
+
+def test_two_ranks_reduce_to_the_one_process_gradient(tmp_path):
+    dist_workers.run_spawn(dist_workers.flat_data_parallel, 2, tmp_path)
+    for rank in range(2):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["bound"]
+        assert r["reference_norm"] > 10 * r["max_norm"]  # the clipping was active
+        assert r["norm"] == pytest.approx(r["reference_norm"], rel=1e-4)
+        assert r["max_grad"] > 0
+        assert r["max_grad_error"] < 1e-4 * r["max_grad"]
+
+
+def test_bench_flat_step_equals_the_plain_accumulating_step(monkeypatch):
+    """bench/train_step.py --dp on one process: the optimizer sees the plain set-up's gradients."""
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+
+    def one_step(dp: bool) -> tuple[list[torch.Tensor], str]:
+        torch.manual_seed(1)
+        cfg = train_step.stage_config("tiny", 1, 2, 1, global_batch=4)
+        cfg.stage.grad_clip = 1e6  # clipping to a common norm would hide a wrongly scaled gradient
+        runner = train_step.make_step(cfg, argparse.Namespace(ds=None, dp=dp, compile=None), torch.device("cpu"))
+        assert runner.accumulation == 2
+        runner.step()
+        return [p.detach().clone() for p in runner.model.parameters()], runner.setup
+
+    flat, flat_setup = one_step(dp=True)
+    plain, plain_setup = one_step(dp=False)
+    assert "flat all-reduce" in flat_setup and "flat" not in plain_setup
+    assert len(seen) == 2
+    for a, b in zip(*seen, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(flat, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
