@@ -14,7 +14,9 @@ floor. One process per set-up (gloo on the CPU, one thread, expert-parallel size
 that the arithmetic is the same in every set-up). Each set-up's forward, backward and optimizer step are timed
 apart (median of --steps after --warmup). DeepSpeed reduces gradients inside ``engine.backward`` and
 clips inside ``engine.step``; the plain step clips (foreach) and steps torch's fused AdamW over the same
-parameter groups that the engine's optimizer gets (weight decay on matrices only).
+parameter groups that the engine's optimizer gets (weight decay on matrices only). The flat set-up is the
+same step with its gradients in one buffer (``sedit.flat_grads``): one all-reduce (a no-op in one
+process), one norm, one scaling, then the same fused AdamW.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sedit.config import build_config  # noqa: E402
 from sedit.edm import EDMLoss, EDMPrecond  # noqa: E402
 from sedit.engine import optimizer_groups  # noqa: E402
+from sedit.flat_grads import FlatGradients  # noqa: E402
 from sedit.model import build_model  # noqa: E402
 
 # XL's structure (depth, mixer depth, experts, MoE placement) at widths that make the arithmetic small
@@ -88,7 +91,8 @@ def phased(forward, backward, optimizer_step):
     return lambda: {"forward": timed(forward), "backward": timed(backward), "optimizer": timed(optimizer_step)}
 
 
-def plain_phases(cfg, batch):
+def plain_phases(cfg, batch, flat: bool = False):
+    """The plain step; ``flat``: gradients in one buffer, all-reduced and clipped whole (sedit.flat_grads)."""
     net = build_model(cfg.model)
     model = EDMPrecond(net, cfg.diffusion.sigma_data)
     opt = torch.optim.AdamW(optimizer_groups(model, 0.1), lr=1e-4, fused=True)
@@ -97,10 +101,20 @@ def plain_phases(cfg, batch):
     def forward():
         state["loss"] = loss_fn(model, *batch, cfg.stage.mask_ratio)
 
-    def optimizer_step():
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.stage.grad_clip, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    if flat:
+        grads = FlatGradients(model.parameters())
+
+        def optimizer_step():
+            grads.all_reduce_()
+            grads.clip_(cfg.stage.grad_clip)
+            opt.step()
+            grads.zero_()
+    else:
+
+        def optimizer_step():
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.stage.grad_clip, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     return phased(forward, lambda: state["loss"].backward(), optimizer_step), sum(1 for _ in net.parameters())
 
@@ -139,7 +153,8 @@ def start_single_process() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
 
 
-PLAIN = "plain"
+PLAIN, FLAT = "plain", "flat"
+SETUP_NAMES = {PLAIN: "plain PyTorch, fused AdamW", FLAT: "plain PyTorch, flat gradient buffer, fused AdamW"}
 
 
 def time_one(setup: str, warmup: int, steps: int) -> dict:
@@ -148,8 +163,8 @@ def time_one(setup: str, warmup: int, steps: int) -> dict:
     cfg = narrow_config()
     torch.manual_seed(0)
     batch = random_batch(cfg)
-    if setup == PLAIN:
-        name, (step, tensors) = "plain PyTorch, fused AdamW", plain_phases(cfg, batch)
+    if setup in SETUP_NAMES:
+        name, (step, tensors) = SETUP_NAMES[setup], plain_phases(cfg, batch, flat=setup == FLAT)
     else:
         name, (step, tensors) = f"deepspeed {Path(setup).name} ep=1", deepspeed_phases(cfg, batch, setup)
     row = {"setup": name, "parameter_tensors": tensors, **phase_medians(step, warmup, steps)}
@@ -168,7 +183,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     # every set-up in a process of its own: after a ZeRO-3 engine, later set-ups in the same process ran slower
     rows = []
-    for setup in [PLAIN, *args.ds]:
+    for setup in [PLAIN, FLAT, *args.ds]:
         command = [sys.executable, __file__, "--only", setup, "--warmup", str(args.warmup), "--steps", str(args.steps)]
         run = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
