@@ -15,9 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train_step import COMPILE_MODES, make_step, stage_config  # noqa: E402
-
-from sedit import distributed  # noqa: E402
+from train_step import add_setup_arguments, make_step, stage_config, start_device  # noqa: E402
 
 
 def main() -> None:
@@ -25,16 +23,13 @@ def main() -> None:
     parser.add_argument("--preset", default="XL")
     parser.add_argument("--stage", type=int, default=1)
     parser.add_argument("--micro-batch", type=int, default=None)
-    parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES)
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--trace", default=None, help="write a Chrome trace here")
-    parser.add_argument("--ds", default=None, help="DeepSpeed config (run under the deepspeed launcher)")
-    parser.add_argument("--ep", type=int, default=None)
-    parser.add_argument("--local_rank", type=int, default=-1)
+    add_setup_arguments(parser)
     args = parser.parse_args()
-    distributed.apply_launcher_env(args.local_rank)
-    device = distributed.start() if args.ds else torch.device("cuda")
-    cfg = stage_config(args.preset, args.stage, args.micro_batch, 1)
+    device = start_device(args, parser)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    cfg = stage_config(args.preset, args.stage, args.micro_batch, world)
     runner = make_step(cfg, args, device)
     for _ in range(4):
         runner.step()

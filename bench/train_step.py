@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -323,18 +324,15 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="XL")
-    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4], choices=sorted(STAGES))
-    parser.add_argument("--micro-batch", type=int, default=None, help="override the per-stage micro-batch")
+def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose a set-up (make_step): DeepSpeed, flat data parallelism, compiling."""
     parser.add_argument("--ds", default=None, help="DeepSpeed config; run under the deepspeed launcher")
     parser.add_argument("--ep", type=int, default=None, help="expert-parallel size (DeepSpeed runs)")
     parser.add_argument(
         "--dp",
         action="store_true",
         help="plain PyTorch with every gradient in one flat buffer, all-reduced once per step (sedit.flat_grads); "
-        "under torchrun or the deepspeed launcher: data parallel over its processes",
+        "under torchrun or another launcher: data parallel over its processes; alone: one GPU",
     )
     parser.add_argument(
         "--compile",
@@ -344,6 +342,26 @@ def main(argv: list[str] | None = None) -> None:
         choices=COMPILE_MODES,
         help="torch.compile the model, in this mode (reduce-overhead: CUDA graphs)",
     )
+    parser.add_argument("--local_rank", type=int, default=-1)
+
+
+def start_device(args, parser: argparse.ArgumentParser) -> torch.device:
+    """This rank's GPU. DeepSpeed set-ups join the launcher's process group; --dp joins it only when a
+    launcher started several processes (WORLD_SIZE set), else it runs alone."""
+    if args.ds and args.dp:
+        parser.error("--dp is plain PyTorch data parallelism; it does not combine with --ds")
+    distributed.apply_launcher_env(args.local_rank)
+    if args.ds or (args.dp and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        return distributed.start()
+    return distributed.device()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="XL")
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4], choices=sorted(STAGES))
+    parser.add_argument("--micro-batch", type=int, default=None, help="override the per-stage micro-batch")
+    add_setup_arguments(parser)
     parser.add_argument("--global-batch", type=int, default=None, help="accumulate to this batch (all GPUs)")
     parser.add_argument("--warmup", type=int, default=5, help="optimizer steps before timing")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps timed")
@@ -351,14 +369,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--moe-load", action="store_true", help="expert load of every MoE layer")
     parser.add_argument("--trace", default=None, help="with --breakdown: keep each rank's Chrome trace in this folder")
     parser.add_argument("--json", default=None, help="append JSON lines here (rank 0)")
-    parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args(argv)
     if args.trace:
         Path(args.trace).mkdir(parents=True, exist_ok=True)
-    distributed.apply_launcher_env(args.local_rank)
-    if args.ds and args.dp:
-        parser.error("--dp is plain PyTorch data parallelism; it does not combine with --ds")
-    device = distributed.start() if args.ds or args.dp else distributed.device()
+    device = start_device(args, parser)
     torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True
     ceiling = matmul_ceiling(device)

@@ -7,10 +7,14 @@ those views in place, so an optimizer step over R ranks and M micro-batches per 
                                                  then one all-reduce (sum) of g
     g <- g * min(1, c / (||g||_2 + 1e-6))       clipping: one norm over the buffer
 
-and then the optimizer. Nothing reads a value back to the host, and the host work per step does not
-grow with the number of parameter tensors (one collective, one norm), unlike a reduction that walks
-the parameters one by one. The price: the gradient is exchanged after the backward, not overlapped
-with it, once per optimizer step.
+and then the optimizer. Nothing reads a value back to the host, and reducing and clipping take one
+collective and one norm however many parameter tensors there are, where DeepSpeed's reduction walks
+them one by one. The price: the gradient is exchanged after the backward, not overlapped with it,
+once per optimizer step.
+
+Every rank must start from the same weights (nothing is broadcast here: seed the model's construction
+alike). Unlike ``zero_grad(set_to_none=True)``, a parameter that got no gradient in a step is stepped
+with a zero one, so AdamW's weight decay and moment decay still move it.
 """
 
 from __future__ import annotations
@@ -31,9 +35,12 @@ class FlatGradients:
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None = None):
-        self.params = [p for p in params if p.requires_grad]
+        self.params = list({id(p): p for p in params if p.requires_grad}.values())  # each tensor once
         if not self.params:
             raise ValueError("FlatGradients: no parameter requires a gradient")
+        for i, p in enumerate(self.params):
+            if not p.is_contiguous():  # a gradient view must have its parameter's strides
+                raise ValueError(f"FlatGradients: parameter {i} (shape {tuple(p.shape)}) is not contiguous")
         kinds = {(p.dtype, p.device) for p in self.params}
         if len(kinds) > 1:
             found = sorted(map(str, kinds))
