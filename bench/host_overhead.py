@@ -105,10 +105,7 @@ def plain_phases(cfg, batch, flat: bool = False):
         grads = FlatGradients(model.parameters())
 
         def optimizer_step():
-            grads.all_reduce_()
-            grads.clip_(cfg.stage.grad_clip)
-            opt.step()
-            grads.zero_()
+            grads.step(opt, cfg.stage.grad_clip)
     else:
 
         def optimizer_step():

@@ -152,33 +152,30 @@ def make_step(cfg, args, device) -> Runner:
         grads = FlatGradients(net.parameters())
         scale = grads.loss_scale(accumulation)
 
-        def flat_micro_step(last: bool):
-            loss = plain_loss()
-            (loss * scale).backward()
-            if last:
-                grads.all_reduce_()
-                grads.clip_(cfg.stage.grad_clip)
-                opt.step()
-                grads.zero_()
-            return loss.detach()
+        def end_of_step():
+            grads.step(opt, cfg.stage.grad_clip)
 
         setup = "data parallel, one flat all-reduce, bf16 autocast, fused AdamW" + compiled_suffix(args)
-        return Runner(flat_micro_step, accumulation, setup, precond, plain_loss)
+    else:
+        scale = 1 / accumulation
+        if accumulation > 1:  # gradients accumulate in buffers of their own, not in a CUDA graph's reused outputs
+            for p in net.parameters():
+                p.grad = torch.zeros_like(p)
 
-    if accumulation > 1:  # gradients accumulate in buffers of their own, not in a CUDA graph's reused outputs
-        for p in net.parameters():
-            p.grad = torch.zeros_like(p)
-
-    def plain_micro_step(last: bool):
-        loss = plain_loss()
-        (loss / accumulation).backward()
-        if last:
+        def end_of_step():
             torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.stage.grad_clip, foreach=True)
             opt.step()
             opt.zero_grad(set_to_none=accumulation == 1)
+
+        setup = "single GPU, bf16 autocast, fused AdamW" + compiled_suffix(args)
+
+    def plain_micro_step(last: bool):
+        loss = plain_loss()
+        (loss * scale).backward()
+        if last:
+            end_of_step()
         return loss.detach()
 
-    setup = "single GPU, bf16 autocast, fused AdamW" + compiled_suffix(args)
     return Runner(plain_micro_step, accumulation, setup, precond, plain_loss)
 
 

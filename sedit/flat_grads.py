@@ -76,6 +76,14 @@ class FlatGradients:
     def zero_(self) -> None:
         self.buffer.zero_()
 
+    def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+        """The end of an optimizer step: reduce, clip, step, zero. Returns the norm before clipping, on device."""
+        self.all_reduce_()
+        norm = self.clip_(max_norm)
+        optimizer.step()
+        self.zero_()
+        return norm
+
     def bound(self) -> bool:
         """Whether every parameter's gradient is still a view of the buffer."""
         storage = self.buffer.untyped_storage().data_ptr()
