@@ -77,10 +77,26 @@ class FlatGradients:
         self.buffer.zero_()
 
     def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
-        """The end of an optimizer step: reduce, clip, step, zero. Returns the norm before clipping, on device."""
+        """The end of an optimizer step: reduce, clip, step, zero. Returns the norm before clipping, on device.
+
+        A fused optimizer (``fused=True`` AdamW, Adam, SGD) divides every gradient by its ``grad_scale``
+        as it reads it; that is how GradScaler unscales. Clipping then rides on that division,
+
+            g * min(1, c / (||g|| + eps))  =  g / max(1, (||g|| + eps) / c),
+
+        and needs no pass of its own over the buffer. Other optimizers get the buffer clipped first.
+        """
         self.all_reduce_()
-        norm = self.clip_(max_norm)
-        optimizer.step()
+        if not getattr(optimizer, "_step_supports_amp_scaling", False):
+            norm = self.clip_(max_norm)
+            optimizer.step()
+        else:
+            norm = torch.linalg.vector_norm(self.buffer)
+            optimizer.grad_scale = torch.clamp((norm + CLIP_EPS) / max_norm, min=1.0)
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.grad_scale
         self.zero_()
         return norm
 

@@ -50,6 +50,28 @@ def test_clip_matches_torch_and_returns_the_norm_as_a_tensor(max_norm):
     assert torch.linalg.vector_norm(grads.buffer).item() == pytest.approx(min(max_norm, ref.item()), rel=1e-5)
 
 
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])
+@pytest.mark.parametrize("fused", [True, False])  # clipping folded into the fused kernel's grad_scale / a pass of its own
+def test_step_clips_steps_and_zeroes_like_clip_grad_norm_then_adamw(max_norm, fused):
+    model, twin = mlp(), mlp()
+    grads = FlatGradients(model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1, fused=fused)
+    reference = torch.optim.AdamW(twin.parameters(), lr=0.1, weight_decay=0.1, foreach=False)
+    for _ in range(3):
+        x = torch.randn(4, 6)
+        model(x).square().sum().backward()
+        twin(x).square().sum().backward()
+        norm = grads.step(opt, max_norm)
+        ref = torch.nn.utils.clip_grad_norm_(twin.parameters(), max_norm)
+        reference.step()
+        reference.zero_grad()
+        torch.testing.assert_close(norm, ref)
+        assert not grads.buffer.any() and grads.bound()
+        assert not hasattr(opt, "grad_scale")  # the clipping factor does not outlive the step
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_refuses_mixed_dtypes_strided_and_no_parameters():
     model = mlp()
     model[0].half()
@@ -89,8 +111,9 @@ def test_bench_flat_steps_equal_the_plain_accumulating_steps(monkeypatch, grad_c
     seen = []
     step = torch.optim.AdamW.step
 
-    def recording_step(self, *args, **kwargs):
-        seen.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+    def recording_step(self, *args, **kwargs):  # the gradients as the optimizer applies them
+        divisor = getattr(self, "grad_scale", 1.0)  # the clipping factor the flat step hands a fused kernel
+        seen.append([p.grad / divisor for group in self.param_groups for p in group["params"]])
         return step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
