@@ -51,7 +51,7 @@ def test_clip_matches_torch_and_returns_the_norm_as_a_tensor(max_norm):
 
 
 @pytest.mark.parametrize("max_norm", [1e-3, 1e3])
-@pytest.mark.parametrize("fused", [True, False])  # clipping folded into the fused kernel's grad_scale / a pass of its own
+@pytest.mark.parametrize("fused", [True, False])  # clipping folded into the kernel / a pass of its own
 def test_step_clips_steps_and_zeroes_like_clip_grad_norm_then_adamw(max_norm, fused):
     model, twin = mlp(), mlp()
     grads = FlatGradients(model.parameters())
