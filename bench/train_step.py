@@ -46,7 +46,7 @@ from sedit.config import build_config  # noqa: E402
 from sedit.edm import EDMLoss, EDMPrecond  # noqa: E402
 from sedit.flat_grads import FlatGradients  # noqa: E402
 from sedit.flops import forward_flops_per_image, train_flops_per_image  # noqa: E402
-from sedit.metrics import moe_layers, record_routing  # noqa: E402
+from sedit.metrics import forget_routing, moe_layers  # noqa: E402
 from sedit.model import build_model  # noqa: E402
 from sedit.moe.routing import expert_load, routing_stats  # noqa: E402
 
@@ -205,7 +205,6 @@ def time_steps(runner: Runner, steps: int) -> tuple[list[float], list[float], li
 @torch.no_grad()
 def moe_load(runner: Runner) -> list[dict]:
     """Expert load of every MoE layer for one forward, summed (tokens) or averaged over ranks."""
-    record_routing(runner.model, on=True)
     runner.forward_loss()
     rows = []
     for name, layer in moe_layers(runner.model):
@@ -229,7 +228,7 @@ def moe_load(runner: Runner) -> list[dict]:
                 **{key: value.item() for key, value in zip(MOE_SCALARS, scalars, strict=True)},
             }
         )
-    record_routing(runner.model, on=False)
+    forget_routing(runner.model)
     return rows
 
 

@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # The XL preset through the real trainer (launch/stage.py) on all GPUs of this machine, synthetic data,
 # stage-1 shapes: what the trainer adds to a bare step (metrics, EMA, MoE statistics, checkpoint, export).
-#   bash bench/xl_trainer.sh OUT_DIR [DS_CONFIG] [STEPS]
-# Writes OUT_DIR/trainer-<config>.log and the run's metrics.jsonl / summary.json beside it.
+#   bash bench/xl_trainer.sh OUT_DIR [DS_CONFIG] [STEPS] [--set stage.KEY=VALUE ...]
+#   bash bench/xl_trainer.sh OUT ds_configs/flat_dp.json 40 --set stage.compile=true --set stage.compile_mode=reduce-overhead
+# Expert parallelism spans all GPUs, except with the flat engine (ep = 1). Writes OUT_DIR/trainer-<config>.log
+# and the run's metrics.jsonl / summary.json beside it.
 set -uo pipefail
 out=${1:?output dir}; ds=${2:-ds_configs/zero3.json}; steps=${3:-20}
+shift $(( $# < 3 ? $# : 3 ))
 mkdir -p "$out"
 gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+ep=$gpus
+grep -q '"engine": *"flat"' "$ds" && ep=1
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 WANDB_MODE=disabled
 source "$(dirname "$0")/launcher.sh"
 name=$(basename "$ds" .json)
 run=/tmp/xl-trainer-$name
-"${launcher[@]}" --num_gpus "$gpus" launch/stage.py --config configs/xl/stage1.yaml --ds "$ds" --ep "$gpus" \
+"${launcher[@]}" --num_gpus "$gpus" launch/stage.py --config configs/xl/stage1.yaml --ds "$ds" --ep "$ep" \
   --out "$run" --resume none --set stage.data=synthetic --set stage.global_batch=$((128 * gpus)) \
   --set stage.log_every=5 --set stage.warmup_steps=5 --set stage.steps="$steps" --set stage.sample_every=0 \
-  --set stage.checkpoint_every=100000 --set stage.checkpoint_export=false --set stage.ema_decay=0.999 \
+  --set stage.checkpoint_every=100000 --set stage.checkpoint_export=false --set stage.ema_decay=0.999 "$@" \
   2>&1 | grep -v -E 'it/s\]|s/it\]' | tee "$out/trainer-$name.log"
 status=${PIPESTATUS[0]}
 cp "$run/metrics.jsonl" "$out/trainer-$name-metrics.jsonl" 2>/dev/null

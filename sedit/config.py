@@ -89,6 +89,9 @@ class DiffusionConfig:
         _require(self.churn >= 0, f"{prefix}.churn", "must be >= 0")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
 @dataclass
 class StageConfig:
     """One training stage (DESIGN.md §3). Stage files hold only their differences from defaults."""
@@ -111,7 +114,8 @@ class StageConfig:
     ema_decay: float = 0.0  # 0 disables EMA
     ema_start: int = 0  # step at which EMA starts tracking
     seed: int = 0
-    compile: bool = False  # torch.compile the model (DeepSpeed's engine.compile); the first steps pay for compiling
+    compile: bool = False  # torch.compile the model (the engine's compile()); the first steps pay for compiling
+    compile_mode: str = "default"  # torch.compile mode; 'reduce-overhead' adds CUDA graphs (flat engine)
     data: str = ""  # directory of prepared shards (sedit.data.prepare), or 'synthetic'
     num_workers: int = 2  # data-loader worker processes per rank
     shuffle_buffer: int = 1000  # samples in each loader worker's shuffle buffer
@@ -154,6 +158,7 @@ class StageConfig:
         _require(self.sample_every >= 0, f"{prefix}.sample_every", "must be >= 0 (0 disables sampling)")
         _require(self.sample_count >= 1, f"{prefix}.sample_count", "must be >= 1")
         _require(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
+        _require(self.compile_mode in COMPILE_MODES, f"{prefix}.compile_mode", f"must be one of {list(COMPILE_MODES)}")
         _require(
             self.wandb in ("offline", "online", "disabled"), f"{prefix}.wandb", "must be offline, online or disabled"
         )

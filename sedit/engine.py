@@ -16,6 +16,7 @@ import torch
 
 from sedit.config import Config, ConfigError
 from sedit.edm import EDMPrecond
+from sedit.flat_engine import weight_decay_groups
 from sedit.model import SparseDiT, build_model
 from sedit.moe.expert_parallel import ExpertChoiceEPLayer, shard_experts
 
@@ -41,14 +42,24 @@ def check_topology(num_experts: int, ep_size: int, world_size: int) -> None:
         )
 
 
+ENGINES = ("deepspeed", "flat")  # the --ds config's "engine": DeepSpeed's, or sedit.flat_engine
+
+
 def load_ds_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        ds = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: DeepSpeed config not found") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON: {err}") from None
+    if ds.get("engine", "deepspeed") not in ENGINES:
+        raise ConfigError(f"{path}: engine: {ds['engine']!r} is not one of {list(ENGINES)}")
+    return ds
+
+
+def engine_kind(ds_config: dict[str, Any]) -> str:
+    return ds_config.get("engine", "deepspeed")
 
 
 def resolve_ds_config(
@@ -67,6 +78,11 @@ def resolve_ds_config(
     ep.setdefault("autoep_size", 1)
     ep["enabled"] = True
     check_topology(cfg.model.num_experts, int(ep["autoep_size"]), world_size)
+    if engine_kind(ds) == "flat" and int(ep["autoep_size"]) != 1:
+        raise TopologyError(
+            f"expert-parallel size {ep['autoep_size']}: the flat engine keeps every expert on every rank; "
+            "use --ep 1, or a DeepSpeed config to shard experts"
+        )
     accum = stage.accumulation(world_size)
     ds["train_micro_batch_size_per_gpu"] = stage.micro_batch
     ds["gradient_accumulation_steps"] = accum
@@ -89,19 +105,12 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     """
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
-    return split_params_into_different_moe_groups_for_optimizer(groups)
+    return split_params_into_different_moe_groups_for_optimizer(weight_decay_groups(model, weight_decay))
 
 
 def build_engine(cfg: Config, ds_config: dict[str, Any], net: SparseDiT | None = None):
-    """(engine, EDMPrecond module) for this rank. ``deepspeed.init_distributed`` must have run."""
+    """(engine, EDMPrecond module) for this rank: DeepSpeed's, or a ``FlatEngine`` where the config's
+    ``engine`` says ``flat``. ``deepspeed.init_distributed`` must have run."""
     import deepspeed
     import torch.distributed as dist
 
@@ -110,6 +119,8 @@ def build_engine(cfg: Config, ds_config: dict[str, Any], net: SparseDiT | None =
     if net is None:
         torch.manual_seed(cfg.stage.seed)  # identical initial weights on every rank
         net = build_model(cfg.model)
+    if engine_kind(ds_config) == "flat":
+        return build_flat_engine(cfg, ds_config, net)
     ep_rank = dist.get_rank() % ep  # DeepSpeed's expert-parallel groups are runs of consecutive ranks
     shard_experts(net, ep, ep_rank)
     precond = EDMPrecond(net, cfg.diffusion.sigma_data)
@@ -121,4 +132,18 @@ def build_engine(cfg: Config, ds_config: dict[str, Any], net: SparseDiT | None =
     for layer in engine.module.modules():
         if isinstance(layer, ExpertChoiceEPLayer) and ep > 1 and dist.get_rank(group=layer.ep_group) != ep_rank:
             raise RuntimeError("DeepSpeed's expert-parallel group does not match the sharded experts")
+    return engine, precond
+
+
+def build_flat_engine(cfg: Config, ds_config: dict[str, Any], net: SparseDiT):
+    """Every rank the whole model, starting from rank 0's weights (broadcast once)."""
+    import torch.distributed as dist
+
+    from sedit.distributed import device
+    from sedit.flat_engine import FlatEngine
+
+    precond = EDMPrecond(net, cfg.diffusion.sigma_data)
+    engine = FlatEngine(precond, ds_config, device())
+    for tensor in [*precond.parameters(), *precond.buffers()]:
+        dist.broadcast(tensor.data, src=0)
     return engine, precond

@@ -3,13 +3,12 @@ one ``MetricsLog`` that writes ``metrics.jsonl``, the console and Weights & Bias
 
 Per logged step the trainer does:
 
-    record_routing(model, on=True)          # before the forward: MoE layers keep their routing
-    ... forward / backward / step ...
+    ... forward / backward / step ...      # each MoE layer keeps the routing of its latest forward
     values = reduce_mean({"loss": loss, **moe_statistics(model)})   # collective, one host sync
     log.log(step, {**values, "lr": lr, **memory_stats(device)})
 
-and ``record_routing(model, on=False)`` before the forwards of other steps, which also frees the
-kept routing. Every key is described in docs/training.md.
+so the statistics are those of the step's last micro-batch. ``forget_routing(model)`` drops the kept
+routing. Every key is described in docs/training.md.
 """
 
 from __future__ import annotations
@@ -64,12 +63,10 @@ def moe_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(_short_name(name, i), m) for i, (name, m) in enumerate(layers)]
 
 
-def record_routing(module: nn.Module, on: bool) -> None:
-    """Make every MoE layer keep the routing of its next forwards (on), or forget it (off)."""
+def forget_routing(module: nn.Module) -> None:
+    """Drop the routing every MoE layer kept of its latest forward (until its next forward)."""
     for _, layer in moe_layers(module):
-        layer.keep_routing = on
-        if not on:
-            layer.last_routing = None
+        layer.last_routing = None
 
 
 def moe_statistics(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -77,7 +74,7 @@ def moe_statistics(module: nn.Module) -> dict[str, torch.Tensor]:
 
     Keys ``moe/<block>/<stat>`` for every statistic of ``sedit.moe.routing.routing_stats``, plus
     ``moe/router_entropy`` and ``moe/dropped_fraction`` averaged over layers. Layers that kept no
-    routing (``record_routing`` off) are left out. Under expert parallelism every rank routes its
+    routing (no forward since ``forget_routing``) are left out. Under expert parallelism every rank routes its
     own images, so these are this rank's numbers: average them with ``reduce_mean``.
     """
     out: dict[str, torch.Tensor] = {}

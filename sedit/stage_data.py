@@ -50,20 +50,25 @@ def check_prepared(cfg: Config, source: str = "config") -> dict:
 
 
 class SyntheticBatches:
-    """Random latents (std sigma_data) and caption embeddings; for smoke tests and benchmarks only."""
+    """Random latents (std sigma_data) and caption embeddings; for smoke tests and benchmarks only.
 
-    def __init__(self, cfg: Config, rank: int):
-        self.cfg = cfg
-        self.generator = torch.Generator().manual_seed(cfg.stage.seed * 1000 + rank)
+    Drawn on ``device`` (the training GPU), so that benchmarks time the model, not the host's random
+    number generator (an XL batch holds ~10M caption values).
+    """
+
+    def __init__(self, cfg: Config, rank: int, device: torch.device | str = "cpu"):
+        self.cfg, self.device = cfg, torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.stage.seed * 1000 + rank)
 
     def __iter__(self) -> Iterator[dict]:
-        cfg, g = self.cfg, self.generator
+        cfg, g, device = self.cfg, self.generator, self.device
         side = cfg.stage.resolution // cfg.stage.latent_downsample
         n = cfg.stage.micro_batch
         while True:
-            latents = torch.randn(n, cfg.model.in_channels, side, side, generator=g) * cfg.diffusion.sigma_data
-            captions = torch.randn(n, cfg.model.caption_len, cfg.model.caption_dim, generator=g)
-            keep = drop_captions(torch.ones(n, 1, 1), cfg.stage.caption_dropout, g)[:, 0, 0]  # (N,) 1 = kept
+            latents = torch.randn(n, cfg.model.in_channels, side, side, generator=g, device=device)
+            latents = latents * cfg.diffusion.sigma_data
+            captions = torch.randn(n, cfg.model.caption_len, cfg.model.caption_dim, generator=g, device=device)
+            keep = drop_captions(torch.ones(n, 1, 1, device=device), cfg.stage.caption_dropout, g)[:, 0, 0]  # (N,)
             yield {"latents": latents, "captions": captions * keep[:, None, None], "dropped": keep == 0}
 
     def state_dict(self) -> dict:
@@ -73,10 +78,13 @@ class SyntheticBatches:
         self.generator.set_state(state["generator"])
 
 
-def training_batches(cfg: Config, rank: int, world_size: int, pin_memory: bool = False):
-    """The stage's batch source for this rank (iterable, with ``state_dict``/``load_state_dict``)."""
+def training_batches(
+    cfg: Config, rank: int, world_size: int, pin_memory: bool = False, device: torch.device | str = "cpu"
+):
+    """The stage's batch source for this rank (iterable, with ``state_dict``/``load_state_dict``);
+    synthetic batches are drawn on ``device``, prepared ones arrive on the host."""
     if cfg.stage.data == SYNTHETIC:
-        return SyntheticBatches(cfg, rank)
+        return SyntheticBatches(cfg, rank, device)
     from sedit.data.loader import LatentLoader
 
     stage = cfg.stage

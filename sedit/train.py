@@ -33,7 +33,7 @@ from sedit.checkpoint_integrity import candidates, checkpoint_info, newest_intac
 from sedit.config import Config, ConfigError, load_config, merge, parse_override, to_dict
 from sedit.edm import EDMLoss
 from sedit.ema import EMA
-from sedit.engine import build_engine, ep_size_of, load_ds_config, resolve_ds_config
+from sedit.engine import build_engine, engine_kind, ep_size_of, load_ds_config, resolve_ds_config
 from sedit.preemption import REQUEUE_EXIT, StopRequest
 from sedit.schedule import learning_rate
 from sedit.stage_data import SYNTHETIC, check_prepared, training_batches
@@ -130,12 +130,13 @@ class Stage:
         self.engine, _ = build_engine(cfg, ds, net)
         if stage.compile:
             self.engine.module.net.use_grid(stage.resolution // stage.latent_downsample // cfg.model.patch_size)
-            self.engine.compile()  # the expert all-to-all and DeepSpeed's hooks stay eager (graph breaks)
+            # under DeepSpeed the expert all-to-all and its hooks stay eager (graph breaks)
+            self.engine.compile(compile_kwargs={"mode": stage.compile_mode})
             distributed.print0(f"torch.compile: {self.engine.is_compiled}; the first steps include compiling")
-        self.ep = ep_size_of(ds)
+        self.ep, self.engine_kind = ep_size_of(ds), engine_kind(ds)
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         self.ema = EMA(self.engine.module.net, stage.ema_decay, stage.ema_start) if stage.ema_decay > 0 else None
-        self.data = training_batches(cfg, self.rank, self.world, pin_memory=device.type == "cuda")
+        self.data = training_batches(cfg, self.rank, self.world, pin_memory=device.type == "cuda", device=device)
         self.generator = torch.Generator(device=device).manual_seed(stage.seed * 7919 + self.rank * 104729)
         self.step, self.seconds = 0, 0.0
         if resuming:
@@ -164,11 +165,12 @@ class Stage:
                 "move the directory away or pass --resume none to start over"
             )
         saved = checkpoint_info(path)
+        saved.setdefault("engine", "deepspeed")  # written before there was another engine
         differ = {k: (saved.get(k), v) for k, v in self.layout().items() if saved.get(k) != v}
         if differ:
             what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in differ.items())
             raise ConfigError(
-                f"{path}: written with another layout ({what}); DeepSpeed's optimizer state is split by it. "
+                f"{path}: written with another layout ({what}); the optimizer state is laid out by it. "
                 "Resume with the same layout, or start a new stage from an export (stage.init_from)"
             )
         state = load_training_state(self.engine, self.ckpt_dir, path.name)
@@ -181,8 +183,13 @@ class Stage:
         distributed.print0(f"resumed from {path} at step {self.step}")
 
     def layout(self) -> dict:
-        """What a resumable checkpoint depends on: processes, ZeRO stage, expert-parallel size."""
-        return {"world_size": self.world, "zero_stage": self.engine.zero_optimization_stage(), "ep": self.ep}
+        """What a resumable checkpoint depends on: engine, processes, ZeRO stage, expert-parallel size."""
+        return {
+            "engine": self.engine_kind,
+            "world_size": self.world,
+            "zero_stage": self.engine.zero_optimization_stage(),
+            "ep": self.ep,
+        }
 
     def export_weights(self, final: bool) -> dict:
         """File -> value function for an export: the raw weights and the EMA, or (final) the one to use."""
@@ -216,20 +223,17 @@ class Stage:
     # the loop
     # ------------------------------------------------------------------------------------------
 
-    def train_step(self, batches, lr: float, record: bool) -> torch.Tensor:
+    def train_step(self, batches, lr: float) -> torch.Tensor:
         """One optimizer step (all micro-batches); returns the mean loss of this rank, on device."""
-        from sedit.metrics import record_routing
-
         engine, stage = self.engine, self.cfg.stage
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         accum = engine.gradient_accumulation_steps()
         total = torch.zeros((), device=self.device)
-        for micro in range(accum):
+        for _ in range(accum):
             batch = next(batches)
             latents = batch["latents"].to(self.device, self.dtype, non_blocking=True)
             captions = batch["captions"].to(self.device, self.dtype, non_blocking=True)
-            record_routing(engine.module, on=record and micro == accum - 1)
             loss = self.loss_fn(engine, latents, captions, stage.mask_ratio, self.generator)
             engine.backward(loss)
             engine.step()
@@ -248,7 +252,7 @@ class Stage:
             while self.step < stage.steps:
                 lr = learning_rate(self.step, stage)
                 logging_now = (self.step + 1) % stage.log_every == 0 or self.step + 1 == stage.steps
-                loss = self.train_step(batches, lr, record=logging_now)
+                loss = self.train_step(batches, lr)
                 stats = moe_statistics(engine.module) if logging_now else {}
                 values = reduce_mean({"loss": loss, **stats})  # every step: the divergence check needs it
                 if not torch.isfinite(torch.tensor(values["loss"])):

@@ -11,11 +11,11 @@ from sedit.config import build_config
 from sedit.masking import kept_count, random_keep_indices
 from sedit.metrics import (
     MetricsLog,
+    forget_routing,
     memory_stats,
     moe_expert_load,
     moe_layers,
     moe_statistics,
-    record_routing,
     reduce_mean,
 )
 from sedit.model import build_model
@@ -44,7 +44,6 @@ def routed_model(tiny_cfg):
     torch.manual_seed(0)
     model = build_model(tiny_cfg)
     torch.nn.init.normal_(model.blocks[1].ffn.router.weight.weight, std=1.0)  # a confident router too
-    record_routing(model, on=True)
     tiny_forward(model)
     return model
 
@@ -87,21 +86,23 @@ def test_expert_load_vectors(routed_model, tiny_cfg):
     assert (load["moe/mixer01/tokens"] == expert_capacity(16, 4, 2.0) * BATCH).all()
 
 
-def test_record_routing_off_clears_state(routed_model):
+def test_forget_routing_clears_state_until_the_next_forward(routed_model):
     layers = [layer for _, layer in moe_layers(routed_model)]
     assert all(layer.last_routing is not None for layer in layers)
-    record_routing(routed_model, on=False)
-    assert all(layer.last_routing is None and not layer.keep_routing for layer in layers)
-    tiny_forward(routed_model, seed=1)
+    before = moe_statistics(routed_model)
+    forget_routing(routed_model)
     assert all(layer.last_routing is None for layer in layers)
     assert moe_statistics(routed_model) == {}
+    tiny_forward(routed_model, seed=1)  # the latest forward's routing, not the forgotten one
+    after = moe_statistics(routed_model)
+    assert after.keys() == before.keys()
+    assert after["moe/block01/router_entropy"] != before["moe/block01/router_entropy"]
 
 
 def test_expert_parallel_layer_is_found():
     from sedit.moe.expert_parallel import ExpertChoiceEPLayer  # imports DeepSpeed
 
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), ExpertChoiceEPLayer(16, 32, 4, 2.0, True, 1, 0))
-    record_routing(model, on=True)
     model(torch.randn(2, 8, 16))
     stats = moe_statistics(model)
     assert stats["moe/layer00/tokens_per_expert"] == expert_capacity(8, 4, 2.0) * 2

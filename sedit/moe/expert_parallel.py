@@ -86,7 +86,6 @@ class ExpertChoiceEPLayer(AutoEPMoELayer):
         self.tp_group = None
         self.router = ExpertChoiceRouter(dim, num_experts, capacity)
         self.experts = BatchedExperts(dim, hidden, self.num_local_experts, use_grouped_mm=False)
-        self.keep_routing = False
         self.last_routing = None
         self._tag_expert_parameters()
         for param in self.router.parameters():

@@ -19,8 +19,9 @@ class ExpertChoiceMoE(nn.Module):
         self.capacity = capacity
         self.router = ExpertChoiceRouter(dim, num_experts, capacity)
         self.experts = GroupedExperts(num_experts, dim, hidden, gated)
-        self.last_routing: Routing | None = None  # kept only while statistics are requested
-        self.keep_routing = False
+        # the routing of the latest forward, for statistics; kept always: a flag read in the forward would
+        # make a compiled model recompile whenever statistics are switched on or off
+        self.last_routing: Routing | None = None
 
     def run_experts(self, tokens: torch.Tensor) -> torch.Tensor:
         """Expert compute on the expert-major layout (E, M, D); the expert-parallel layer overrides it."""
@@ -28,8 +29,7 @@ class ExpertChoiceMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.router(x)  # gates/index (N, E, C)
-        if self.keep_routing:
-            self.last_routing = routing
+        self.last_routing = routing
         tokens = dispatch(x, routing.token_index)  # (E, N*C, D)
         out = self.run_experts(tokens)  # (E, N*C, D)
         return combine(out, routing.gates, routing.token_index, x.shape[1])  # (N, T, D)
