@@ -85,13 +85,21 @@ def free_port() -> int:
 
 def stage_command(args: argparse.Namespace, cfg: Config, config: str, out: Path, overrides: list[str], gpus: int):
     ds = args.ds or str(ROOT / "ds_configs" / default_ds_config())
-    ep = args.ep or math.gcd(gpus, cfg.model.num_experts)  # experts spread over as many processes as divide them
+    ep = args.ep or default_ep(ds, gpus, cfg.model.num_experts)
     stage = [str(ROOT / "launch" / "stage.py"), "--config", config, "--ds", ds, "--out", str(out), "--resume", "auto"]
     stage += [f"--set={item}" for item in overrides] + ["--ep", str(ep)]
     if gpus > 1:
         runner = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus)]
         return runner + ["--master_port", str(free_port()), *stage]
     return [sys.executable, *stage]
+
+
+def default_ep(ds: str, gpus: int, num_experts: int) -> int:
+    """1 for the flat engine (every expert on every rank); else the experts spread over as many
+    processes as divide them."""
+    from sedit.engine import engine_kind, load_ds_config
+
+    return 1 if engine_kind(load_ds_config(ds)) == "flat" else math.gcd(gpus, num_experts)
 
 
 def stage_env(gpus: int) -> dict[str, str]:

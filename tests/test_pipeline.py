@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 from train_helpers import ROOT, one_process_env, records
@@ -74,3 +75,17 @@ def test_a_half_finished_stage_resumes(tmp_path, builtin_small):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "tiny-stage1: resuming" in again.stdout and (stage / "final" / MODEL_FILE).is_file()
     assert [r["step"] for r in records(stage)] == [1, 2, 3, 4]
+
+
+def test_default_expert_parallel_size_follows_the_engine(tmp_path):
+    from sedit.config import ConfigError
+    from sedit.pipeline import default_ep
+
+    configs = ROOT / "ds_configs"
+    assert default_ep(str(configs / "flat_dp.json"), 8, 8) == 1  # the flat engine keeps every expert everywhere
+    assert default_ep(str(configs / "zero2_ep.json"), 8, 8) == 8
+    assert default_ep(str(configs / "zero2_ep.json"), 6, 8) == 2
+    unknown = tmp_path / "typo.json"
+    unknown.write_text('{"engine": "flatt"}')
+    with pytest.raises(ConfigError, match=r"typo.json: engine: 'flatt' is not one of \['deepspeed', 'flat'\]"):
+        default_ep(str(unknown), 2, 8)
