@@ -179,8 +179,15 @@ class Stage:
         self.data.load_state_dict(mine["data"])
         self.generator.set_state(mine["generator"])
         if self.ema is not None:
-            self.ema.load_state_dict(mine["ema"])
+            self.ema.load_state_dict(mine["ema"] if "ema" in mine else self.rank0_ema(path))
         distributed.print0(f"resumed from {path} at step {self.step}")
+
+    @staticmethod
+    def rank0_ema(path: Path) -> dict:
+        """The EMA state rank 0 stored in checkpoint ``path`` (the flat engine's, whole on every rank)."""
+        from sedit.checkpoint import rank_state_file
+
+        return torch.load(path / rank_state_file(0), map_location="cpu", weights_only=True)["ema"]
 
     def layout(self) -> dict:
         """What a resumable checkpoint depends on: engine, processes, ZeRO stage, expert-parallel size."""
@@ -206,8 +213,8 @@ class Stage:
 
         started = time.time()
         mine = {"step": self.step, "data": self.data.state_dict(), "generator": self.generator.get_state()}
-        if self.ema is not None:
-            mine["ema"] = self.ema.state_dict()
+        if self.ema is not None and (self.engine_kind != "flat" or self.rank == 0):
+            mine["ema"] = self.ema.state_dict()  # the flat engine's ranks hold the same EMA: rank 0 stores it
         save_training_state(
             self.engine,
             self.ckpt_dir,

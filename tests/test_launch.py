@@ -123,6 +123,13 @@ def test_flat_engine_follows_deepspeed_resumes_exactly_and_exports(tmp_path):
         assert run.returncode == 0, name + run.stdout[-3000:] + run.stderr[-3000:]
     assert "at step 4" in runs["resumed"].stdout
     assert curve(tmp_path / "resumed") == curve(tmp_path / "flat")  # bit-exact
+    newest = tmp_path / "resumed" / "checkpoints" / "step_0000006"
+    rank_states = [torch.load(newest / f"trainer_rank{r:05d}.pt", weights_only=True) for r in (0, 1)]
+    assert "ema" in rank_states[0] and "ema" not in rank_states[1]  # the same on every rank: rank 0 stores it
+    resumed_ema, _ = load_consolidated(tmp_path / "resumed" / "final")  # the EMA came through the checkpoint
+    uninterrupted_ema, _ = load_consolidated(tmp_path / "flat" / "final")
+    for (name, a), (_, b) in zip(resumed_ema.state_dict().items(), uninterrupted_ema.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
 
     steps = list(zip(curve(tmp_path / "flat"), curve(tmp_path / "deepspeed"), strict=True))
     assert [a[0] for a, _ in steps] == [1, 2, 3, 4, 5, 6]
