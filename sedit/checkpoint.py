@@ -1,9 +1,9 @@
-"""Checkpoints: DeepSpeed training state (same topology) and a consolidated export (any topology).
+"""Checkpoints: training state (same topology) and a consolidated export (any topology).
 
-Training state: ``engine.save_checkpoint`` into ``<dir>/<tag>.tmp``, renamed to ``<dir>/<tag>`` by
-rank 0 once every rank has written, then ``<dir>/latest`` is replaced atomically. A half-written
-checkpoint therefore never carries a final name. Resuming needs the same world and expert-parallel
-size (DeepSpeed stores optimizer partitions per rank).
+Training state: ``engine.save_checkpoint`` (DeepSpeed's, or ``FlatEngine``'s) into ``<dir>/<tag>.tmp``,
+renamed to ``<dir>/<tag>`` by rank 0 once every rank has written, then ``<dir>/latest`` is replaced
+atomically. A half-written checkpoint therefore never carries a final name. Resuming needs the same
+engine, world and expert-parallel size (DeepSpeed stores optimizer partitions per rank).
 
 Consolidated export: every parameter whole, in fp32, experts of each MoE layer gathered from the
 expert-parallel group in global order, under the single-process names (``...ffn.experts.w1`` is

@@ -1,10 +1,10 @@
-"""One training stage under DeepSpeed: resolve configs, build the engine, train, checkpoint, export.
+"""One training stage: resolve configs, build the engine (DeepSpeed's, or the flat one), train, checkpoint, export.
 
 Run directory layout (``--out``):
     config.yaml        resolved run config          ds_config.json   resolved DeepSpeed config
     metrics.jsonl      one line per logged step     wandb/           wandb's files (offline by default)
     samples/           sample grids, step_NNNNNNN.png, and the prompts they show
-    checkpoints/       step_NNNNNNN/ (DeepSpeed state, per-rank trainer state, export/, manifest), ``latest``
+    checkpoints/       step_NNNNNNN/ (engine state, per-rank trainer state, export/, manifest), ``latest``
     final/             consolidated export (model.safetensors + config.yaml): the EMA weights when
                        ``stage.ema_decay`` > 0, else the raw ones; loadable at any topology
     summary.json       what the stage did: steps, time, throughput, final loss
