@@ -55,7 +55,24 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid JSON: {err}") from None
     if ds.get("engine", "deepspeed") not in ENGINES:
         raise ConfigError(f"{path}: engine: {ds['engine']!r} is not one of {list(ENGINES)}")
+    if engine_kind(ds) == "flat":
+        check_flat_config(ds, path)
     return ds
+
+
+def check_flat_config(ds: dict[str, Any], path: Path) -> None:
+    """Refuse DeepSpeed settings the flat engine would otherwise ignore in silence."""
+    unsupported = {
+        "zero_optimization": "ZeRO (the flat engine replicates all state)",
+        "fp16": "fp16 (use bf16 autocast)",
+        "scheduler": "a DeepSpeed lr scheduler (the stage config's schedule applies)",
+    }
+    for key, what in unsupported.items():
+        if key in ds and ds[key] not in ({}, {"enabled": False}):
+            raise ConfigError(f"{path}: {key}: the flat engine has no {what}; remove the field")
+    kind = ds.get("optimizer", {}).get("type", "AdamW")
+    if kind.lower() != "adamw":
+        raise ConfigError(f"{path}: optimizer.type: the flat engine runs torch's AdamW, not {kind!r}")
 
 
 def engine_kind(ds_config: dict[str, Any]) -> str:

@@ -62,16 +62,22 @@ class FlatEngine:
             eps=params.get("eps", 1e-8),
             fused=bool(params.get("fused", True)),
         )
+        self.hyperparameters = [  # this run's settings, put back over a checkpoint's by load_checkpoint
+            {k: g[k] for k in ("betas", "eps", "weight_decay")} for g in self.optimizer.param_groups
+        ]
         self.forward_module: nn.Module = self.module
         self.is_compiled = False
-        self.micro_steps = 0
+        self.micro_steps = 0  # since the last optimizer step
         self.grad_norm: torch.Tensor | None = None  # before clipping, of the last optimizer step
 
     # the forward and the step ---------------------------------------------------------------------
 
+    def precision(self):
+        """The forward's precision: bf16 autocast over the fp32 weights, or plain fp32 (a context)."""
+        return torch.autocast(self.device.type, torch.bfloat16) if self.autocast else contextlib.nullcontext()
+
     def __call__(self, *args, **kwargs):
-        autocast = torch.autocast(self.device.type, torch.bfloat16) if self.autocast else contextlib.nullcontext()
-        with autocast:
+        with self.precision():
             return self.forward_module(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -81,9 +87,10 @@ class FlatEngine:
     def step(self) -> None:
         """Count a micro-batch; at the last one of an optimizer step, reduce, clip, step and zero."""
         self.micro_steps += 1
-        if self.micro_steps % self.accumulation == 0:
+        if self.micro_steps == self.accumulation:
             max_norm = self.max_norm if self.max_norm > 0 else float("inf")
             self.grad_norm = self.grads.step(self.optimizer, max_norm)
+            self.micro_steps = 0
 
     def compile(self, compile_kwargs: dict[str, Any] | None = None) -> None:
         """torch.compile the forward (the uncompiled ``module`` stays available, e.g. for sampling)."""
@@ -124,7 +131,6 @@ class FlatEngine:
             state = {
                 "module": self.module.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
-                "micro_steps": self.micro_steps,
                 "client_state": client_state or {},
             }
             torch.save(state, directory / STATE_FILE)
@@ -132,12 +138,18 @@ class FlatEngine:
             (Path(save_dir) / "latest").write_text(tag)
 
     def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str | None, dict]:
-        """Restore model, optimizer and micro-step count; (path, client state), or (None, {}) if absent."""
+        """Restore model and optimizer state; (path, client state), or (None, {}) if absent.
+
+        The AdamW moments and step counts come from the checkpoint; betas, eps and weight decay stay
+        those of this run's config (a checkpoint is always written between optimizer steps).
+        """
         path = Path(load_dir) / tag / STATE_FILE
         if not path.is_file():
             return None, {}
         state = torch.load(path, map_location=self.device, weights_only=True)
         self.module.load_state_dict(state["module"])  # copies in place: the gradients stay bound to the buffer
         self.optimizer.load_state_dict(state["optimizer"])
-        self.micro_steps = int(state["micro_steps"])
+        for group, settings in zip(self.optimizer.param_groups, self.hyperparameters, strict=True):
+            group.update(settings)
+        self.micro_steps = 0
         return str(path.parent), state["client_state"]

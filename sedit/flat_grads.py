@@ -84,19 +84,22 @@ class FlatGradients:
 
             g * min(1, c / (||g|| + eps))  =  g / max(1, (||g|| + eps) / c),
 
-        and needs no pass of its own over the buffer. Other optimizers get the buffer clipped first.
+        and needs no pass of its own over the buffer. The same kernel skips the step where ``found_inf``
+        is set: a gradient with an infinite or NaN value leaves weights and moments as they were (the
+        returned norm shows it). Other optimizers get the buffer clipped first, and no such guard.
         """
         self.all_reduce_()
         if not getattr(optimizer, "_step_supports_amp_scaling", False):
             norm = self.clip_(max_norm)
             optimizer.step()
         else:
-            norm = torch.linalg.vector_norm(self.buffer)
+            norm = torch.linalg.vector_norm(self.buffer).float()
             optimizer.grad_scale = torch.clamp((norm + CLIP_EPS) / max_norm, min=1.0)
+            optimizer.found_inf = (~torch.isfinite(norm)).float()
             try:
                 optimizer.step()
             finally:
-                del optimizer.grad_scale
+                del optimizer.grad_scale, optimizer.found_inf
         self.zero_()
         return norm
 

@@ -18,7 +18,9 @@ non-finite loss stops the run with ``DivergedError`` before anything is written 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import time
 import warnings
 from argparse import Namespace
@@ -42,7 +44,8 @@ DIVERGED_EXIT = 3  # exit status of a run stopped by a non-finite loss
 
 
 class DivergedError(RuntimeError):
-    """The loss became NaN or infinite; nothing after the last good checkpoint was kept."""
+    """The loss (or the flat engine's gradient norm) became NaN or infinite; nothing after the last good
+    checkpoint was kept."""
 
 
 def resolve(args: Namespace) -> tuple[Config, dict, Path]:
@@ -135,7 +138,9 @@ class Stage:
             distributed.print0(f"torch.compile: {self.engine.is_compiled}; the first steps include compiling")
         self.ep, self.engine_kind = ep_size_of(ds), engine_kind(ds)
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
-        self.ema = EMA(self.engine.module.net, stage.ema_decay, stage.ema_start) if stage.ema_decay > 0 else None
+        # the flat engine's ranks hold the same weights: rank 0 alone keeps, stores and exports their EMA
+        keeps_ema = stage.ema_decay > 0 and (self.engine_kind != "flat" or self.rank == 0)
+        self.ema = EMA(self.engine.module.net, stage.ema_decay, stage.ema_start) if keeps_ema else None
         self.data = training_batches(cfg, self.rank, self.world, pin_memory=device.type == "cuda", device=device)
         self.generator = torch.Generator(device=device).manual_seed(stage.seed * 7919 + self.rank * 104729)
         self.step, self.seconds = 0, 0.0
@@ -179,15 +184,13 @@ class Stage:
         self.data.load_state_dict(mine["data"])
         self.generator.set_state(mine["generator"])
         if self.ema is not None:
-            self.ema.load_state_dict(mine["ema"] if "ema" in mine else self.rank0_ema(path))
+            self.ema.load_state_dict(mine["ema"])
         distributed.print0(f"resumed from {path} at step {self.step}")
 
-    @staticmethod
-    def rank0_ema(path: Path) -> dict:
-        """The EMA state rank 0 stored in checkpoint ``path`` (the flat engine's, whole on every rank)."""
-        from sedit.checkpoint import rank_state_file
-
-        return torch.load(path / rank_state_file(0), map_location="cpu", weights_only=True)["ema"]
+    def forward_precision(self):
+        """A context for forwards outside the engine (sample grids): the flat engine's autocast over its fp32
+        weights; nothing for DeepSpeed, whose bf16 weights set the precision."""
+        return self.engine.precision() if self.engine_kind == "flat" else contextlib.nullcontext()
 
     def layout(self) -> dict:
         """What a resumable checkpoint depends on: engine, processes, ZeRO stage, expert-parallel size."""
@@ -213,8 +216,8 @@ class Stage:
 
         started = time.time()
         mine = {"step": self.step, "data": self.data.state_dict(), "generator": self.generator.get_state()}
-        if self.ema is not None and (self.engine_kind != "flat" or self.rank == 0):
-            mine["ema"] = self.ema.state_dict()  # the flat engine's ranks hold the same EMA: rank 0 stores it
+        if self.ema is not None:
+            mine["ema"] = self.ema.state_dict()
         save_training_state(
             self.engine,
             self.ckpt_dir,
@@ -261,11 +264,15 @@ class Stage:
                 logging_now = (self.step + 1) % stage.log_every == 0 or self.step + 1 == stage.steps
                 loss = self.train_step(batches, lr)
                 stats = moe_statistics(engine.module) if logging_now else {}
-                values = reduce_mean({"loss": loss, **stats})  # every step: the divergence check needs it
-                if not torch.isfinite(torch.tensor(values["loss"])):
+                checked = {"loss": loss}
+                if self.engine_kind == "flat":  # its gradient norm is on the device: checking it costs nothing
+                    checked["grad_norm"] = engine.get_global_grad_norm()
+                values = reduce_mean({**checked, **stats})  # every step: the divergence check needs it
+                diverged = [f"{key} is {values[key]}" for key in checked if not math.isfinite(values[key])]
+                if diverged:
                     last = candidates(self.ckpt_dir)
                     raise DivergedError(
-                        f"step {self.step + 1}: loss is {values['loss']} (mean over ranks); stopping without "
+                        f"step {self.step + 1}: {', '.join(diverged)} (mean over ranks); stopping without "
                         f"writing anything further. Last good checkpoint: {last[0] if last else 'none'}. "
                         "Lower stage.lr or raise stage.warmup_steps / stage.grad_clip, then resume."
                     )
@@ -286,7 +293,8 @@ class Stage:
                     tic, images_since = time.time(), 0
                 self.seconds = seconds_before + time.time() - started
                 if stage.sample_every and (self.step % stage.sample_every == 0 or self.step == stage.steps):
-                    self.grid.write(engine.module, self.step, self.dtype)
+                    with self.forward_precision():
+                        self.grid.write(engine.module, self.step, self.dtype)
                     tic, images_since = time.time(), 0
                 stopping = self.stop.agreed(self.device) and self.step < stage.steps
                 if self.step % stage.checkpoint_every == 0 or self.step == stage.steps or stopping:

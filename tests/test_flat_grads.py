@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_step_breakdown import train_step
 
+from sedit.flat_engine import weight_decay_groups
 from sedit.flat_grads import FlatGradients
 
 
@@ -52,11 +53,14 @@ def test_clip_matches_torch_and_returns_the_norm_as_a_tensor(max_norm):
 
 @pytest.mark.parametrize("max_norm", [1e-3, 1e3])
 @pytest.mark.parametrize("fused", [True, False])  # clipping folded into the kernel / a pass of its own
-def test_step_clips_steps_and_zeroes_like_clip_grad_norm_then_adamw(max_norm, fused):
+def test_step_clips_steps_and_zeroes_like_clip_grad_norm_then_adamw(monkeypatch, max_norm, fused):
     model, twin = mlp(), mlp()
     grads = FlatGradients(model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1, fused=fused)
-    reference = torch.optim.AdamW(twin.parameters(), lr=0.1, weight_decay=0.1, foreach=False)
+    explicit_clips = []
+    clip = FlatGradients.clip_
+    monkeypatch.setattr(FlatGradients, "clip_", lambda self, c: explicit_clips.append(c) or clip(self, c))
+    opt = torch.optim.AdamW(weight_decay_groups(model, 0.1), lr=0.1, fused=fused)  # two groups, one scale
+    reference = torch.optim.AdamW(weight_decay_groups(twin, 0.1), lr=0.1, foreach=False)
     for _ in range(3):
         x = torch.randn(4, 6)
         model(x).square().sum().backward()
@@ -67,9 +71,27 @@ def test_step_clips_steps_and_zeroes_like_clip_grad_norm_then_adamw(max_norm, fu
         reference.zero_grad()
         torch.testing.assert_close(norm, ref)
         assert not grads.buffer.any() and grads.bound()
-        assert not hasattr(opt, "grad_scale")  # the clipping factor does not outlive the step
+        assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")  # nothing outlives the step
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert len(explicit_clips) == (0 if fused else 3)  # fused: the factor rides on the kernel's grad_scale
+
+
+def test_a_non_finite_gradient_is_skipped_by_the_fused_step():
+    model = mlp()
+    grads = FlatGradients(model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model(torch.randn(4, 6)).square().sum().backward()
+    grads.step(opt, 1.0)
+    after_one = [p.detach().clone() for p in model.parameters()]
+    moments = [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+    model(torch.randn(4, 6)).square().sum().backward()
+    grads.buffer[3] = float("nan")
+    norm = grads.step(opt, 1.0)
+    assert norm.isnan()  # what the trainer's divergence check sees
+    for p, before, m in zip(model.parameters(), after_one, moments, strict=True):
+        assert torch.equal(p, before) and torch.equal(opt.state[p]["exp_avg"], m)
+        assert opt.state[p]["step"].item() == 1
 
 
 def test_refuses_mixed_dtypes_strided_and_no_parameters():

@@ -107,8 +107,10 @@ def test_flat_engine_follows_deepspeed_resumes_exactly_and_exports(tmp_path):
     assert flat["engine"] == "flat"
     flat_fp32 = tmp_path / "flat_fp32.json"
     flat_fp32.write_text(json.dumps({**flat, "bf16": {"enabled": False}}))  # compared with an fp32 DeepSpeed run
-    # constant lr: a 4-step and a 6-step run take the same first steps; clipping acts at this clip
+    # constant lr: a 4-step and a 6-step run take the same first steps; clipping acts at this clip;
+    # 2 processes x micro-batch 2 x accumulation 2
     recipe = ["--set", "stage.lr_final=1e-3", "--set", "stage.ema_decay=0.9", "--set", "stage.grad_clip=0.05"]
+    recipe += ["--set", "stage.global_batch=8"]
 
     def curve(run_dir):
         return [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, open(run_dir / "metrics.jsonl"))]
@@ -118,14 +120,16 @@ def test_flat_engine_follows_deepspeed_resumes_exactly_and_exports(tmp_path):
         "deepspeed": launch(tmp_path / "deepspeed", *recipe, "--set", "stage.steps=6", ds="cpu.json"),
         "stopped": launch(tmp_path / "resumed", *recipe, ds=flat_fp32),  # smoke.yaml: 4 steps
         "resumed": launch(tmp_path / "resumed", *recipe, "--set", "stage.steps=6", ds=flat_fp32),
+        "shipped": launch(tmp_path / "bf16", "--set", "stage.steps=2", ds="flat_dp.json"),  # bf16 autocast
     }
     for name, run in runs.items():
         assert run.returncode == 0, name + run.stdout[-3000:] + run.stderr[-3000:]
-    assert "at step 4" in runs["resumed"].stdout
+    assert "accumulation 2" in runs["flat"].stdout and "at step 4" in runs["resumed"].stdout
+    assert all(abs(loss - 1) < 0.5 for _, loss, _ in curve(tmp_path / "bf16"))
     assert curve(tmp_path / "resumed") == curve(tmp_path / "flat")  # bit-exact
     newest = tmp_path / "resumed" / "checkpoints" / "step_0000006"
     rank_states = [torch.load(newest / f"trainer_rank{r:05d}.pt", weights_only=True) for r in (0, 1)]
-    assert "ema" in rank_states[0] and "ema" not in rank_states[1]  # the same on every rank: rank 0 stores it
+    assert "ema" in rank_states[0] and "ema" not in rank_states[1]  # the ranks' weights agree: rank 0 keeps the EMA
     resumed_ema, _ = load_consolidated(tmp_path / "resumed" / "final")  # the EMA came through the checkpoint
     uninterrupted_ema, _ = load_consolidated(tmp_path / "flat" / "final")
     for (name, a), (_, b) in zip(resumed_ema.state_dict().items(), uninterrupted_ema.state_dict().items(), strict=True):

@@ -141,7 +141,7 @@ def test_moe_load_reports_every_layer_with_expert_choice_invariants():
     layers = [layer for _, layer in train_step.moe_layers(runner.model)]
     assert len(rows) == len(layers) > 0
     for row, layer in zip(rows, layers, strict=True):
-        assert layer.last_routing is None  # statistics switched off again
+        assert layer.last_routing is None  # forgotten again after reading
         tokens = row["tokens_per_expert_min"]
         assert tokens == row["tokens_per_expert_max"] > 0  # every expert is exactly full
         assert 0 <= row["dropped_fraction"] < 1

@@ -188,3 +188,15 @@ def test_a_compiled_stage_follows_the_eager_loss_curve(tmp_path, settings, unint
     for (step, loss, norm), (_, eager_loss, eager_norm) in zip(compiled, eager, strict=True):
         assert loss == pytest.approx(eager_loss, rel=1e-3), step
         assert norm == pytest.approx(eager_norm, rel=1e-2), step
+
+
+def test_the_flat_engine_trains_and_samples_grids_on_prepared_data(tmp_path, settings):
+    """ds_configs/flat_dp.json as shipped (bf16 autocast over fp32 weights), with sample grids drawn
+    outside the engine under the same autocast."""
+    short = {**settings, "steps": 4, "sample_every": 2, "sample_count": 2, "checkpoint_every": 100}
+    run = run_stage(tmp_path, short, ds="flat_dp.json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [c[0] for c in curve(tmp_path)] == [1, 2, 3, 4]
+    assert all(0 < loss < 3 and norm > 0 for _, loss, norm in curve(tmp_path))
+    grids = sorted(p.name for p in (tmp_path / "samples").glob("step_*.png"))
+    assert grids == ["step_0000002.png", "step_0000004.png"]

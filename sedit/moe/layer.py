@@ -29,7 +29,7 @@ class ExpertChoiceMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.router(x)  # gates/index (N, E, C)
-        self.last_routing = routing
+        self.last_routing = Routing(*(t.detach() for t in routing))  # statistics only: no autograd graph kept
         tokens = dispatch(x, routing.token_index)  # (E, N*C, D)
         out = self.run_experts(tokens)  # (E, N*C, D)
         return combine(out, routing.gates, routing.token_index, x.shape[1])  # (N, T, D)
