@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The XL preset through the real trainer (launch/stage.py) on all GPUs of this machine, synthetic data,
-# stage-1 shapes: what the trainer adds to a bare step (metrics, EMA, MoE statistics, checkpoint, export).
-#   bash bench/xl_trainer.sh OUT_DIR [DS_CONFIG] [STEPS] [--set stage.KEY=VALUE ...]
-#   bash bench/xl_trainer.sh OUT ds_configs/flat_dp.json 40 --set stage.compile=true --set stage.compile_mode=reduce-overhead
-# Expert parallelism spans all GPUs, except with the flat engine (ep = 1). Writes OUT_DIR/trainer-<config>.log
-# and the run's metrics.jsonl / summary.json beside it.
+# one stage's shapes: what the trainer adds to a bare step (metrics, EMA, MoE statistics, checkpoint).
+#   [STAGE=N] [PER_GPU=IMAGES] bash bench/xl_trainer.sh OUT_DIR [DS_CONFIG] [STEPS] [--set stage.KEY=VALUE ...]
+#   STAGE=2 PER_GPU=256 bash bench/xl_trainer.sh OUT ds_configs/flat_dp.json 40 --set stage.compile=true \
+#     --set stage.compile_mode=reduce-overhead
+# STAGE (1-4, default 1) picks configs/xl/stageN.yaml, from random weights. PER_GPU (default 128) is the
+# images each GPU takes per optimizer step, in micro-batches of the stage's size: 256 is the recipe's
+# 2048 on 8 GPUs (DESIGN.md §3), 2 micro-batches at stage 1, 4 at stage 2.
+# Expert parallelism spans all GPUs, except with the flat engine (ep = 1).
+# Writes OUT_DIR/trainer-<config>-s<STAGE>.log and the run's metrics.jsonl / summary.json beside it.
 set -uo pipefail
 out=${1:?output dir}; ds=${2:-ds_configs/zero3.json}; steps=${3:-20}
 shift $(( $# < 3 ? $# : 3 ))
@@ -14,10 +18,12 @@ ep=$gpus
 grep -q '"engine": *"flat"' "$ds" && ep=1
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 WANDB_MODE=disabled
 source "$(dirname "$0")/launcher.sh"
-name=$(basename "$ds" .json)
+stage=${STAGE:-1}
+name=$(basename "$ds" .json)-s$stage
 run=/tmp/xl-trainer-$name
-"${launcher[@]}" --num_gpus "$gpus" launch/stage.py --config configs/xl/stage1.yaml --ds "$ds" --ep "$ep" \
-  --out "$run" --resume none --set stage.data=synthetic --set stage.global_batch=$((128 * gpus)) \
+"${launcher[@]}" --num_gpus "$gpus" launch/stage.py --config "configs/xl/stage$stage.yaml" --ds "$ds" --ep "$ep" \
+  --out "$run" --resume none --set stage.data=synthetic --set stage.global_batch=$((${PER_GPU:-128} * gpus)) \
+  --set "stage.init_from=''" \
   --set stage.log_every=5 --set stage.warmup_steps=5 --set stage.steps="$steps" --set stage.sample_every=0 \
   --set stage.checkpoint_every=100000 --set stage.checkpoint_export=false --set stage.ema_decay=0.999 "$@" \
   2>&1 | grep -v -E 'it/s\]|s/it\]' | tee "$out/trainer-$name.log"
