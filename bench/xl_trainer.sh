@@ -8,7 +8,8 @@
 # images each GPU takes per optimizer step, in micro-batches of the stage's size: 256 is the recipe's
 # 2048 on 8 GPUs (DESIGN.md §3), 2 micro-batches at stage 1, 4 at stage 2.
 # Expert parallelism spans all GPUs, except with the flat engine (ep = 1).
-# Writes OUT_DIR/trainer-<config>-s<STAGE>.log and the run's metrics.jsonl / summary.json beside it.
+# Writes OUT_DIR/trainer-<config>-s<STAGE>.log, the run's metrics.jsonl / summary.json beside it, and its
+# per-GPU rate as a JSON line for bench/cost_projection.py (-rate.jsonl, by bench/trainer_rate.py).
 set -uo pipefail
 out=${1:?output dir}; ds=${2:-ds_configs/zero3.json}; steps=${3:-20}
 shift $(( $# < 3 ? $# : 3 ))
@@ -30,4 +31,8 @@ run=/tmp/xl-trainer-$name
 status=${PIPESTATUS[0]}
 cp "$run/metrics.jsonl" "$out/trainer-$name-metrics.jsonl" 2>/dev/null
 cp "$run/summary.json" "$out/trainer-$name-summary.json" 2>/dev/null
+gpu_name=$(python3 -c 'import torch; print(torch.cuda.get_device_name(0))')
+python3 "$(dirname "$0")/trainer_rate.py" "$run/metrics.jsonl" --stage "$stage" --world-size "$gpus" \
+  --gpu "$gpu_name" --setup "trainer $(basename "$ds"), ${PER_GPU:-128} images per GPU per step${*:+, $*}" \
+  > "$out/trainer-$name-rate.jsonl"
 exit "$status"

@@ -23,7 +23,9 @@ from sedit.engine import TopologyError  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="run config YAML (preset + stage settings)")
-    parser.add_argument("--ds", required=True, help="DeepSpeed JSON config (ds_configs/zero3.json, zero2_ep.json)")
+    parser.add_argument(
+        "--ds", required=True, help="engine config: ds_configs/flat_dp.json, or DeepSpeed's zero3.json, zero2_ep.json"
+    )
     parser.add_argument("--ep", type=int, default=None, help="expert-parallel size (overrides the DeepSpeed config)")
     parser.add_argument("--out", default=None, help="run directory (default runs/<stage name>)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. stage.lr=1e-4")

@@ -40,7 +40,9 @@ class SubmitError(ValueError):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", required=True, help="stage config; repeat for a chain, in order")
-    parser.add_argument("--ds", required=True, help="DeepSpeed JSON config (ds_configs/zero3.json, zero2_ep.json)")
+    parser.add_argument(
+        "--ds", required=True, help="engine config: ds_configs/flat_dp.json, or DeepSpeed's zero3.json, zero2_ep.json"
+    )
     parser.add_argument("--nodes", type=int, default=1, help="nodes per stage")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="processes per node, one per GPU")
     parser.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: the DeepSpeed config's)")

@@ -81,3 +81,42 @@ def test_micro_batch_picks_rows_per_stage(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cost_projection.main([path, *setup, "--micro-batch", "1=512", "--micro-batch", "2=512"])
     assert "and micro-batches 1=512, 2=512" in capsys.readouterr().err
+
+
+trainer_spec = importlib.util.spec_from_file_location("trainer_rate", ROOT / "bench" / "trainer_rate.py")
+trainer_rate = importlib.util.module_from_spec(trainer_spec)
+trainer_spec.loader.exec_module(trainer_rate)
+
+
+def test_trainer_rate_leaves_out_the_compile_interval_and_feeds_the_projection(tmp_path, capsys):
+    logged = [{"step": 5, "loss": 1.0, "images_per_s": 30.0}, {"step": 7, "loss": 1.0}]  # compile; a line without
+    logged += [{"step": 5 * k, "images_per_s": rate} for k, rate in enumerate((4100.0, 4140.0, 4120.0, 9000.0), 2)]
+    metrics = write_rows(tmp_path / "metrics.jsonl", logged)
+    setup = "trainer flat_dp.json, 256 images per GPU per step"
+    args = [metrics, "--stage", "1", "--world-size", "4", "--gpu", "NVIDIA H200", "--setup", setup]
+    line = trainer_rate.main(args)
+    assert line["images_per_s_total"] == 4130.0  # median of 4100, 4120, 4140, 9000: the 30 img/s compile is out
+    assert line["images_per_s_per_gpu"] == pytest.approx(1032.5)
+    assert (line["intervals"], line["interval_min"], line["interval_max"]) == (4, 4100.0, 9000.0)
+    stage1 = load_config(ROOT / "configs" / "xl" / "stage1.yaml").stage
+    assert (line["micro_batch"], line["resolution"], line["mask_ratio"]) == (
+        stage1.micro_batch,
+        stage1.resolution,
+        stage1.mask_ratio,
+    )
+    rates = write_rows(tmp_path / "rates.jsonl", [json.loads(capsys.readouterr().out)])
+    plan = cost_projection.main([rates, "--setup", setup, "--gpus", "8"])
+    assert plan[0]["gpu_hours"] == pytest.approx(512e6 / 1032.5 / 3600)
+    assert "4 x NVIDIA H200 (rates.jsonl)" in capsys.readouterr().out
+
+
+def test_trainer_rate_names_what_it_cannot_use(tmp_path):
+    only_compile = write_rows(tmp_path / "short.jsonl", [{"step": 5, "images_per_s": 30.0}])
+    with pytest.raises(ValueError, match=r"short.jsonl: 1 logged interval\(s\); at least 2"):
+        trainer_rate.trainer_row(Path(only_compile), 1, 1, "GPU", "x")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"step": 5, "images_per_s": 30.0}\n{"step": 10,\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl:2: not a JSON line"):
+        trainer_rate.interval_rates(broken)
+    with pytest.raises(SystemExit):
+        trainer_rate.main([str(broken), "--stage", "1", "--world-size", "0", "--gpu", "GPU", "--setup", "x"])

@@ -1,6 +1,7 @@
 """launch/pipeline.py: four tiny stages on the built-in data, each from the previous one's final weights."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -89,3 +90,23 @@ def test_default_expert_parallel_size_follows_the_engine(tmp_path):
     unknown.write_text('{"engine": "flatt"}')
     with pytest.raises(ConfigError, match=r"typo.json: engine: 'flatt' is not one of \['deepspeed', 'flat'\]"):
         default_ep(str(unknown), 2, 8)
+
+
+def test_gpus_default_to_the_flat_engine_and_a_cpu_to_deepspeed(monkeypatch):
+    import sedit.pipeline as pipeline
+
+    cfg = pipeline.load_stage(str(ROOT / "configs" / "xl" / "stage1.yaml"), [])
+    args = pipeline.parse_args(["--configs", str(ROOT / "configs" / "xl" / "stage1.yaml"), "--out", "runs/xl"])
+
+    def command(gpus):
+        line = pipeline.stage_command(args, cfg, "stage1.yaml", ROOT / "runs/xl/s1", [], gpus)
+        return line[line.index("--ds") + 1], line[line.index("--ep") + 1], "deepspeed.launcher.runner" in line
+
+    monkeypatch.setattr(pipeline, "gpu_count", lambda: 4)
+    assert command(4) == (str(ROOT / "ds_configs" / "flat_dp.json"), "1", True)
+    assert command(1)[:2] == (str(ROOT / "ds_configs" / "flat_dp.json"), "1")
+    monkeypatch.setattr(pipeline, "gpu_count", lambda: 0)
+    assert command(1) == (str(ROOT / "ds_configs" / "cpu.json"), "1", False)
+    args.ds = str(ROOT / "ds_configs" / "zero2_ep.json")  # a chosen config wins, and EP spans the processes
+    monkeypatch.setattr(pipeline, "gpu_count", lambda: 4)
+    assert command(4) == (args.ds, str(math.gcd(4, cfg.model.num_experts)), True)
