@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,17 @@ from sedit.config import load_config  # noqa: E402
 RECIPE = [ROOT / "configs" / "xl" / f"stage{k}.yaml" for k in (1, 2, 3, 4)]
 
 
+def json_lines(path: Path) -> Iterator[dict]:
+    """Every non-blank line of a JSON-lines file, parsed; a broken line is named by file and number."""
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not a JSON line ({err.msg})") from None
+
+
 def measured_rates(
     paths: list[str], setup: str, gpu: str | None = None, micro_batches: dict[int, int] | None = None
 ) -> dict[int, dict]:
@@ -43,13 +55,7 @@ def measured_rates(
     micro_batches = micro_batches or {}
     rows: dict[int, dict] = {}
     for path in paths:
-        for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not a JSON line ({err.msg})") from None
+        for row in json_lines(Path(path)):
             if row.get("setup") != setup or (gpu is not None and gpu not in row.get("gpu", "")):
                 continue
             stage = int(row["stage"])

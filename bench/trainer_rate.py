@@ -24,23 +24,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from cost_projection import json_lines  # noqa: E402
 
 from sedit.config import load_config  # noqa: E402
 
 
 def interval_rates(path: Path) -> list[float]:
     """``images_per_s`` of every logged interval, in step order; a broken line is named."""
-    rates = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not a JSON line ({err.msg})") from None
-        if "images_per_s" in record:
-            rates.append(float(record["images_per_s"]))
-    return rates
+    return [float(record["images_per_s"]) for record in json_lines(path) if "images_per_s" in record]
 
 
 def trainer_row(path: Path, stage: int, world_size: int, gpu: str, setup: str, preset: str = "xl") -> dict:
