@@ -11,7 +11,10 @@ others, and the per-GPU rate divides it by the world size:
 
 Intervals after a checkpoint or a sample grid restart their clock (sedit/train.py), so those pauses are
 not in r: the checkpoint's own time is reported beside it, not folded in.
-The stage's micro-batch, resolution and mask ratio are read from ``configs/<preset>/stage<K>.yaml``.
+The micro-batch, resolution and mask ratio come from the run's resolved ``config.yaml`` (``--config``;
+bench/xl_trainer.sh passes it), which also gives the global batch and the accumulation; without it,
+from the recipe's ``configs/<preset>/stage<K>.yaml``, and the batch is left out (the run may have
+overridden it).
 """
 
 from __future__ import annotations
@@ -36,21 +39,27 @@ def interval_rates(path: Path) -> list[float]:
     return [float(record["images_per_s"]) for record in json_lines(path) if "images_per_s" in record]
 
 
-def trainer_row(path: Path, stage: int, world_size: int, gpu: str, setup: str, preset: str = "xl") -> dict:
+def trainer_row(
+    path: Path, stage: int, world_size: int, gpu: str, setup: str, preset: str = "xl", config: Path | None = None
+) -> dict:
     """The JSON line for this run: the per-GPU rate r and what it was measured on."""
     rates = interval_rates(path)
     if len(rates) < 2:
         needed = "at least 2 are needed (the first holds the compile)"
         raise ValueError(f"{path}: {len(rates)} logged interval(s); {needed}")
     steady = rates[1:]
-    config = load_config(ROOT / "configs" / preset / f"stage{stage}.yaml").stage
+    run = load_config(config or ROOT / "configs" / preset / f"stage{stage}.yaml").stage
     total = statistics.median(steady)
-    return {
+    row = {
         "preset": preset.upper(),
         "stage": stage,
-        "resolution": config.resolution,
-        "mask_ratio": config.mask_ratio,
-        "micro_batch": config.micro_batch,
+        "resolution": run.resolution,
+        "mask_ratio": run.mask_ratio,
+        "micro_batch": run.micro_batch,
+    }
+    if config is not None:
+        row |= {"global_batch": run.global_batch, "accumulation": run.accumulation(world_size)}
+    return row | {
         "world_size": world_size,
         "setup": setup,
         "images_per_s_total": total,
@@ -70,11 +79,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--world-size", type=int, required=True, help="GPUs the run trained on")
     parser.add_argument("--gpu", required=True, help="the GPU's name, as nvidia-smi gives it")
     parser.add_argument("--setup", required=True, help="what ran, e.g. 'trainer, flat engine, CUDA graphs'")
-    parser.add_argument("--preset", default="xl", help="configs/<preset>/ holds the stage configs")
+    parser.add_argument("--config", type=Path, default=None, help="the run's resolved config.yaml")
+    parser.add_argument("--preset", default="xl", help="configs/<preset>/ holds the recipe's stage configs")
     args = parser.parse_args(argv)
     if args.world_size < 1:
         parser.error("--world-size must be at least 1")
-    row = trainer_row(args.metrics, args.stage, args.world_size, args.gpu, args.setup, args.preset)
+    try:
+        row = trainer_row(args.metrics, args.stage, args.world_size, args.gpu, args.setup, args.preset, args.config)
+    except (OSError, ValueError) as err:
+        parser.exit(2, f"trainer_rate: {err}\n")
     print(json.dumps(row))
     return row
 

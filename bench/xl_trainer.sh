@@ -8,8 +8,9 @@
 # images each GPU takes per optimizer step, in micro-batches of the stage's size: 256 is the recipe's
 # 2048 on 8 GPUs (DESIGN.md §3), 2 micro-batches at stage 1, 4 at stage 2.
 # Expert parallelism spans all GPUs, except with the flat engine (ep = 1).
-# Writes OUT_DIR/trainer-<config>-s<STAGE>.log, the run's metrics.jsonl / summary.json beside it, and its
-# per-GPU rate as a JSON line for bench/cost_projection.py (-rate.jsonl, by bench/trainer_rate.py).
+# Writes OUT_DIR/trainer-<config>-s<STAGE>-b<PER_GPU>.log, the run's metrics.jsonl / summary.json /
+# config.yaml beside it and, for a run that finished, its per-GPU rate as a JSON line for
+# bench/cost_projection.py (-rate.jsonl, by bench/trainer_rate.py).
 set -uo pipefail
 out=${1:?output dir}; ds=${2:-ds_configs/zero3.json}; steps=${3:-20}
 shift $(( $# < 3 ? $# : 3 ))
@@ -19,20 +20,25 @@ ep=$gpus
 grep -q '"engine": *"flat"' "$ds" && ep=1
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 WANDB_MODE=disabled
 source "$(dirname "$0")/launcher.sh"
-stage=${STAGE:-1}
-name=$(basename "$ds" .json)-s$stage
+stage=${STAGE:-1}; per_gpu=${PER_GPU:-128}
+name=$(basename "$ds" .json)-s$stage-b$per_gpu
 run=/tmp/xl-trainer-$name
+rm -rf "$run"  # a fresh run: nothing of an earlier one may be taken for this one's output
 "${launcher[@]}" --num_gpus "$gpus" launch/stage.py --config "configs/xl/stage$stage.yaml" --ds "$ds" --ep "$ep" \
-  --out "$run" --resume none --set stage.data=synthetic --set stage.global_batch=$((${PER_GPU:-128} * gpus)) \
+  --out "$run" --resume none --set stage.data=synthetic --set stage.global_batch=$((per_gpu * gpus)) \
   --set "stage.init_from=''" \
   --set stage.log_every=5 --set stage.warmup_steps=5 --set stage.steps="$steps" --set stage.sample_every=0 \
   --set stage.checkpoint_every=100000 --set stage.checkpoint_export=false --set stage.ema_decay=0.999 "$@" \
   2>&1 | grep -v -E 'it/s\]|s/it\]' | tee "$out/trainer-$name.log"
 status=${PIPESTATUS[0]}
-cp "$run/metrics.jsonl" "$out/trainer-$name-metrics.jsonl" 2>/dev/null
-cp "$run/summary.json" "$out/trainer-$name-summary.json" 2>/dev/null
-gpu_name=$(python3 -c 'import torch; print(torch.cuda.get_device_name(0))')
-python3 "$(dirname "$0")/trainer_rate.py" "$run/metrics.jsonl" --stage "$stage" --world-size "$gpus" \
-  --gpu "$gpu_name" --setup "trainer $(basename "$ds"), ${PER_GPU:-128} images per GPU per step${*:+, $*}" \
-  > "$out/trainer-$name-rate.jsonl"
+for file in metrics.jsonl summary.json config.yaml; do
+  cp "$run/$file" "$out/trainer-$name-$file" 2>/dev/null
+done
+if [ "$status" -eq 0 ]; then  # a rate line only for a run that finished
+  gpu_name=$(python3 -c 'import torch; print(torch.cuda.get_device_name(0))')
+  python3 "$(dirname "$0")/trainer_rate.py" "$out/trainer-$name-metrics.jsonl" --stage "$stage" \
+    --config "$out/trainer-$name-config.yaml" --world-size "$gpus" --gpu "$gpu_name" \
+    --setup "trainer $(basename "$ds"), $per_gpu images per GPU per step${*:+, $*}" > "$out/rate.tmp" \
+    && mv "$out/rate.tmp" "$out/trainer-$name-rate.jsonl" || status=1
+fi
 exit "$status"

@@ -1,7 +1,8 @@
-"""Train one stage under DeepSpeed.
+"""Train one stage, on DeepSpeed's engine or the flat one (the ``--ds`` config says which).
 
     deepspeed launch/stage.py --config configs/xl/stage1.yaml --ds ds_configs/zero3.json --out runs/xl/stage1
     deepspeed --num_gpus 2 launch/stage.py --config ... --ds ds_configs/zero2_ep.json --ep 2
+    deepspeed --num_gpus 8 launch/stage.py --config ... --ds ds_configs/flat_dp.json
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/stage.py ...          (CPU, gloo; tests)
 
 The expert-parallel size comes from the DeepSpeed config (``expert_parallel.autoep_size``) unless
@@ -11,6 +12,7 @@ The expert-parallel size comes from the DeepSpeed config (``expert_parallel.auto
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -52,5 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         return DIVERGED_EXIT
 
 
+def exit_now(code: int) -> None:
+    """End the process once the stage has returned: everything is written and the process group is
+    destroyed, but letting the interpreter finalise can still abort a rank (gloo's worker threads
+    torn down after Python, "terminate called without an active exception", seen once on the CPU)
+    and turn a finished stage into a failed one for the launcher. So flush and leave without it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from sedit.checkpoint import CONFIG_FILE, MODEL_FILE
+from sedit.checkpoint_integrity import candidates
 from sedit.config import Config, load_config, merge, parse_override
 from sedit.preemption import STOP_SIGNALS
 
@@ -91,7 +92,7 @@ def free_port() -> int:
 
 
 def stage_command(args: argparse.Namespace, cfg: Config, config: str, out: Path, overrides: list[str], gpus: int):
-    ds = args.ds or str(ROOT / "ds_configs" / default_ds_config())
+    ds = engine_config(args.ds, out)
     ep = args.ep or default_ep(ds, gpus, cfg.model.num_experts)
     stage = [str(ROOT / "launch" / "stage.py"), "--config", config, "--ds", ds, "--out", str(out), "--resume", "auto"]
     stage += [f"--set={item}" for item in overrides] + ["--ep", str(ep)]
@@ -99,6 +100,18 @@ def stage_command(args: argparse.Namespace, cfg: Config, config: str, out: Path,
         runner = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus)]
         return runner + ["--master_port", str(free_port()), *stage]
     return [sys.executable, *stage]
+
+
+def engine_config(chosen: str | None, out: Path) -> str:
+    """``--ds`` if given; else, for a half-finished stage, the engine config it started with (its run
+    directory's resolved ``ds_config.json``), so that a rerun resumes on the same engine even after the
+    default changed; else this machine's default."""
+    if chosen:
+        return chosen
+    started = out / "ds_config.json"
+    if started.is_file() and candidates(out / "checkpoints"):
+        return str(started)
+    return str(ROOT / "ds_configs" / default_ds_config())
 
 
 def default_ep(ds: str, gpus: int, num_experts: int) -> int:

@@ -110,3 +110,20 @@ def test_gpus_default_to_the_flat_engine_and_a_cpu_to_deepspeed(monkeypatch):
     args.ds = str(ROOT / "ds_configs" / "zero2_ep.json")  # a chosen config wins, and EP spans the processes
     monkeypatch.setattr(pipeline, "gpu_count", lambda: 4)
     assert command(4) == (args.ds, str(math.gcd(4, cfg.model.num_experts)), True)
+
+
+def test_a_half_finished_stage_resumes_on_the_engine_it_started_with(tmp_path, monkeypatch):
+    """A stage begun under another default (or another --ds) keeps its engine when the command is rerun."""
+    import sedit.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "gpu_count", lambda: 2)
+    out = tmp_path / "stage1"
+    fresh = str(ROOT / "ds_configs" / "flat_dp.json")
+    assert pipeline.engine_config(None, out) == fresh
+    out.mkdir()
+    (out / "ds_config.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    assert pipeline.engine_config(None, out) == fresh  # no checkpoint yet: it starts over on the default
+    (out / "checkpoints" / "step_0000004").mkdir(parents=True)
+    assert pipeline.engine_config(None, out) == str(out / "ds_config.json")
+    assert pipeline.default_ep(str(out / "ds_config.json"), 2, 8) == 2  # a DeepSpeed run: EP over the processes
+    assert pipeline.engine_config(str(ROOT / "ds_configs" / "zero3.json"), out).endswith("zero3.json")  # --ds wins
