@@ -48,7 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--ds", default=None, help="engine config (default: flat_dp.json on GPUs, cpu.json on a CPU; docs/training.md)"
     )
-    p.add_argument("--gpus", type=int, default=None, help="processes per stage (default: all GPUs, or 1 on a CPU)")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        help="processes per stage (default: all GPUs the stage's global batch splits over; 1 on a CPU)",
+    )
     p.add_argument(
         "--ep",
         type=int,
@@ -136,9 +141,10 @@ def default_ds_config() -> str:
     """The flat engine on GPUs, fp32 ZeRO-2 on a CPU.
 
     On 4 H200s the trainer with the flat engine (and CUDA graphs) kept 90-99% of one GPU's rate at all
-    four XL stages, and at stage 1 it ran 3.8x the ZeRO-2 + EP trainer's rate per GPU measured on 2 H200s
-    (docs/benchmarks.md). It needs the whole training state on every GPU (XL: ~21 GiB); DeepSpeed's
-    configs (``--ds ds_configs/zero2_ep.json``, ``zero3.json``) are for models that do not fit.
+    four XL stages, and at stage 1 it ran 3.8x the eager ZeRO-2 + EP trainer's rate per GPU measured on
+    2 H200s (docs/benchmarks.md). It needs the whole training state on every GPU (XL: ~21 GiB of state,
+    31-38 GiB peak with the recipe's activations); DeepSpeed's configs (``--ds ds_configs/zero2_ep.json``,
+    ``zero3.json``) are for models or cards where that does not fit.
     """
     if not gpu_count():
         return "cpu.json"
@@ -166,15 +172,21 @@ def run_forwarding_stop_signals(command: list[str], gpus: int) -> int:
             signal.signal(sig, previous)
 
 
+def processes_for(stage, available: int) -> int:
+    """As many of the ``available`` GPUs as the stage's global batch splits over evenly: global_batch =
+    micro_batch x processes x accumulation (the tiny preset's 32 = 32 x 1 x 1 runs on one GPU)."""
+    return max(n for n in range(1, available + 1) if stage.global_batch % (stage.micro_batch * n) == 0)
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    gpus = args.gpus or max(1, gpu_count())
     common = stage_overrides(args)
     previous: Path | None = None
     done: list[tuple[Config, Path]] = []
     for config in args.configs:
         overrides = common + ([f"stage.init_from={previous}"] if previous else [])
         cfg = load_stage(config, overrides)
+        gpus = args.gpus or processes_for(cfg.stage, max(1, gpu_count()))
         stage_dir = out / cfg.stage.name
         final = stage_dir / "final"
         if is_exported(final):

@@ -127,3 +127,15 @@ def test_a_half_finished_stage_resumes_on_the_engine_it_started_with(tmp_path, m
     assert pipeline.engine_config(None, out) == str(out / "ds_config.json")
     assert pipeline.default_ep(str(out / "ds_config.json"), 2, 8) == 2  # a DeepSpeed run: EP over the processes
     assert pipeline.engine_config(str(ROOT / "ds_configs" / "zero3.json"), out).endswith("zero3.json")  # --ds wins
+
+
+def test_the_default_process_count_is_what_the_global_batch_splits_over():
+    """A stage takes every GPU its batch allows: global_batch = micro_batch x processes x accumulation."""
+    from sedit.pipeline import load_stage, processes_for
+
+    xl = load_stage(str(ROOT / "configs" / "xl" / "stage1.yaml"), [])  # 2048 = 128 x processes x accumulation
+    assert [processes_for(xl.stage, n) for n in (1, 2, 4, 6, 8)] == [1, 2, 4, 4, 8]
+    tiny = load_stage(str(ROOT / "configs" / "tiny" / "stage1.yaml"), [])  # 32 = 32 x 1: one process
+    assert processes_for(tiny.stage, 4) == 1
+    halves = load_stage(str(ROOT / "configs" / "tiny" / "stage1.yaml"), ["stage.micro_batch=16"])
+    assert processes_for(halves.stage, 4) == 2
