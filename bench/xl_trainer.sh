@@ -38,7 +38,7 @@ if [ "$status" -eq 0 ]; then  # a rate line only for a run that finished
   gpu_name=$(python3 -c 'import torch; print(torch.cuda.get_device_name(0))')
   python3 "$(dirname "$0")/trainer_rate.py" "$out/trainer-$name-metrics.jsonl" --stage "$stage" \
     --config "$out/trainer-$name-config.yaml" --world-size "$gpus" --gpu "$gpu_name" \
-    --setup "trainer $(basename "$ds"), $per_gpu images per GPU per step${*:+, $*}" > "$out/rate.tmp" \
-    && mv "$out/rate.tmp" "$out/trainer-$name-rate.jsonl" || status=1
+    --setup "trainer $(basename "$ds"), $per_gpu images per GPU per step${*:+, $*}" > "$out/trainer-$name-rate.tmp" \
+    && mv "$out/trainer-$name-rate.tmp" "$out/trainer-$name-rate.jsonl" || { rm -f "$out/trainer-$name-rate.tmp"; status=1; }
 fi
 exit "$status"

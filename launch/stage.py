@@ -12,6 +12,7 @@ The expert-parallel size comes from the DeepSpeed config (``expert_parallel.auto
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import sys
 from pathlib import Path
@@ -61,6 +62,10 @@ def exit_now(code: int) -> None:
     and turn a finished stage into a failed one for the launcher. So flush and leave without it."""
     sys.stdout.flush()
     sys.stderr.flush()
+    try:
+        ctypes.CDLL(None).fflush(None)  # the C libraries' buffered output (NCCL's log, when sent to a file)
+    except (OSError, AttributeError):
+        pass
     os._exit(code)
 
 

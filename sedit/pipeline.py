@@ -3,10 +3,11 @@
     python launch/pipeline.py                                   # tiny preset, built-in data, runs/tiny
     python launch/pipeline.py --configs configs/xl/stage{1,2,3,4}.yaml --data data/coco --gpus 8 --out runs/xl
 
-Each stage runs ``launch/stage.py`` in its own processes (one per GPU; one process on a CPU) into
-``OUT/<stage.name>/`` with ``stage.init_from`` set to the previous stage's ``final/`` (fresh optimizer;
-position embeddings are recomputed for the new grid). A stage whose ``final/`` exists is skipped; a
-half-finished one resumes from its newest intact checkpoint. When the data directory is the built-in
+Each stage runs ``launch/stage.py`` in its own processes (one per GPU that its global batch splits over;
+one on a CPU) into ``OUT/<stage.name>/`` with ``stage.init_from`` set to the previous stage's ``final/``
+(fresh optimizer; position embeddings are recomputed for the new grid). A stage whose ``final/`` exists
+is skipped; a half-finished one resumes from its newest intact checkpoint, on the engine config it
+started with. When the data directory is the built-in
 set and it is missing, it is built first. At the end ``OUT/report.md`` (and ``report.json``) lists per
 stage the loss, time and throughput and shows a sample grid made from the final weights.
 """
@@ -175,7 +176,8 @@ def run_forwarding_stop_signals(command: list[str], gpus: int) -> int:
 def processes_for(stage, available: int) -> int:
     """As many of the ``available`` GPUs as the stage's global batch splits over evenly: global_batch =
     micro_batch x processes x accumulation (the tiny preset's 32 = 32 x 1 x 1 runs on one GPU)."""
-    return max(n for n in range(1, available + 1) if stage.global_batch % (stage.micro_batch * n) == 0)
+    fits = [n for n in range(1, available + 1) if stage.global_batch % (stage.micro_batch * n) == 0]
+    return max(fits, default=1)  # none: one process, where the stage itself names the batch it cannot split
 
 
 def run(args: argparse.Namespace) -> int:
@@ -194,9 +196,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             ensure_builtin_data(cfg)
             what = "resuming" if (stage_dir / "checkpoints").is_dir() else "starting"
-            print(f"== {cfg.stage.name}: {what} ({config}, {gpus} process(es)) -> {stage_dir}", flush=True)
+            command = stage_command(args, cfg, config, stage_dir, overrides, gpus)
+            engine = Path(command[command.index("--ds") + 1])
+            print(
+                f"== {cfg.stage.name}: {what} ({config}, {gpus} process(es), {engine.name}) -> {stage_dir}", flush=True
+            )
             started = time.time()
-            code = run_forwarding_stop_signals(stage_command(args, cfg, config, stage_dir, overrides, gpus), gpus)
+            code = run_forwarding_stop_signals(command, gpus)
             if code != 0:
                 print(f"== {cfg.stage.name}: stopped with exit status {code}; rerun the same command to resume")
                 return code

@@ -36,6 +36,7 @@ from sedit.config import Config, ConfigError, load_config, merge, parse_override
 from sedit.edm import EDMLoss
 from sedit.ema import EMA
 from sedit.engine import build_engine, engine_kind, ep_size_of, load_ds_config, resolve_ds_config
+from sedit.files import atomic_write_text
 from sedit.preemption import REQUEUE_EXIT, StopRequest
 from sedit.schedule import learning_rate
 from sedit.stage_data import SYNTHETIC, check_prepared, training_batches
@@ -96,20 +97,28 @@ def run_stage(args: Namespace) -> int:
     stop = StopRequest().install()  # before the slow start-up, so an early signal is not fatal
     device = distributed.start()
     distributed.print0(json.dumps({"ranks": distributed.describe_ranks()}))
-    rank = distributed.rank()
-    if rank == 0:
+    if distributed.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        (out / "ds_config.json").write_text(json.dumps(ds, indent=2))
     distributed.barrier()
     try:
-        return Stage(cfg, ds, out, device, stop, resume=args.resume == "auto").run()
+        stage = Stage(cfg, ds, out, device, stop, resume=args.resume == "auto")
+        write_run_files(out, cfg, ds)  # once a resume has been accepted: they say what the checkpoints hold
+        return stage.run()
     finally:
         stop.restore()
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()  # before interpreter shutdown, where teardown order is not ours
+
+
+def write_run_files(out: Path, cfg: Config, ds: dict) -> None:
+    """The resolved run and engine configs (rank 0, atomically). The pipeline resumes a half-finished
+    stage with its ``ds_config.json``, so it is written only after ``restore()`` accepted this layout."""
+    if distributed.rank() == 0:
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        atomic_write_text(out / "ds_config.json", json.dumps(ds, indent=2))
+    distributed.barrier()
 
 
 class Stage:

@@ -152,3 +152,5 @@ def test_flat_engine_follows_deepspeed_resumes_exactly_and_exports(tmp_path):
 
     other = launch(tmp_path / "flat", *recipe, "--set", "stage.steps=8", ds="cpu.json")
     assert other.returncode != 0 and "engine flat -> deepspeed" in other.stdout + other.stderr
+    # the refused run leaves the record of what the checkpoints hold (the pipeline resumes with it)
+    assert json.loads((tmp_path / "flat" / "ds_config.json").read_text())["engine"] == "flat"

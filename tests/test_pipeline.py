@@ -92,14 +92,14 @@ def test_default_expert_parallel_size_follows_the_engine(tmp_path):
         default_ep(str(unknown), 2, 8)
 
 
-def test_gpus_default_to_the_flat_engine_and_a_cpu_to_deepspeed(monkeypatch):
+def test_gpus_default_to_the_flat_engine_and_a_cpu_to_deepspeed(tmp_path, monkeypatch):
     import sedit.pipeline as pipeline
 
     cfg = pipeline.load_stage(str(ROOT / "configs" / "xl" / "stage1.yaml"), [])
     args = pipeline.parse_args(["--configs", str(ROOT / "configs" / "xl" / "stage1.yaml"), "--out", "runs/xl"])
 
     def command(gpus):
-        line = pipeline.stage_command(args, cfg, "stage1.yaml", ROOT / "runs/xl/s1", [], gpus)
+        line = pipeline.stage_command(args, cfg, "stage1.yaml", tmp_path / "s1", [], gpus)
         return line[line.index("--ds") + 1], line[line.index("--ep") + 1], "deepspeed.launcher.runner" in line
 
     monkeypatch.setattr(pipeline, "gpu_count", lambda: 4)
@@ -117,16 +117,23 @@ def test_a_half_finished_stage_resumes_on_the_engine_it_started_with(tmp_path, m
     import sedit.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "gpu_count", lambda: 2)
+    config = str(ROOT / "configs" / "xl" / "stage1.yaml")
+    cfg, args = pipeline.load_stage(config, []), pipeline.parse_args(["--configs", config])
     out = tmp_path / "stage1"
-    fresh = str(ROOT / "ds_configs" / "flat_dp.json")
-    assert pipeline.engine_config(None, out) == fresh
+
+    def chosen():
+        line = pipeline.stage_command(args, cfg, config, out, [], 2)
+        return line[line.index("--ds") + 1], line[line.index("--ep") + 1]
+
+    fresh = (str(ROOT / "ds_configs" / "flat_dp.json"), "1")
+    assert chosen() == fresh
     out.mkdir()
     (out / "ds_config.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    assert pipeline.engine_config(None, out) == fresh  # no checkpoint yet: it starts over on the default
+    assert chosen() == fresh  # no checkpoint yet: it starts over on the default
     (out / "checkpoints" / "step_0000004").mkdir(parents=True)
-    assert pipeline.engine_config(None, out) == str(out / "ds_config.json")
-    assert pipeline.default_ep(str(out / "ds_config.json"), 2, 8) == 2  # a DeepSpeed run: EP over the processes
-    assert pipeline.engine_config(str(ROOT / "ds_configs" / "zero3.json"), out).endswith("zero3.json")  # --ds wins
+    assert chosen() == (str(out / "ds_config.json"), str(math.gcd(2, cfg.model.num_experts)))  # DeepSpeed: EP
+    args.ds = str(ROOT / "ds_configs" / "zero3.json")
+    assert chosen()[0] == args.ds  # --ds wins
 
 
 def test_the_default_process_count_is_what_the_global_batch_splits_over():
@@ -139,3 +146,24 @@ def test_the_default_process_count_is_what_the_global_batch_splits_over():
     assert processes_for(tiny.stage, 4) == 1
     halves = load_stage(str(ROOT / "configs" / "tiny" / "stage1.yaml"), ["stage.micro_batch=16"])
     assert processes_for(halves.stage, 4) == 2
+
+
+def test_the_pipeline_gives_each_stage_the_gpus_its_batch_splits_over(tmp_path, monkeypatch):
+    import sedit.pipeline as pipeline
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")  # prepared data: nothing to build
+    launched = []
+
+    def stop_after_one(command, gpus):
+        launched.append((command, gpus))
+        return 1  # as if the stage stopped: the pipeline ends there
+
+    monkeypatch.setattr(pipeline, "gpu_count", lambda: 4)
+    monkeypatch.setattr(pipeline, "run_forwarding_stop_signals", stop_after_one)
+    for batch, processes in [("32", 1), ("64", 2), ("48", 1)]:  # 48 = 32 x 1.5: the stage itself refuses it
+        argv = ["--data", str(shards), "--out", str(tmp_path / batch), f"--set=stage.global_batch={batch}"]
+        assert pipeline.run(pipeline.parse_args(argv)) == 1
+        command, gpus = launched.pop()
+        assert gpus == processes and ("deepspeed.launcher.runner" in command) == (processes > 1), batch
