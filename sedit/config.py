@@ -130,10 +130,14 @@ class StageConfig:
     wandb: str = "offline"  # 'offline' (files under the run dir), 'online', or 'disabled'
     wandb_project: str = "sedit"
 
+    def splits_over(self, world_size: int) -> bool:
+        """Whether global_batch is a whole number of micro-batches on every one of ``world_size`` processes."""
+        return self.global_batch % (self.micro_batch * world_size) == 0
+
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step so that micro_batch * world_size * accumulation == global_batch."""
         per_step = self.micro_batch * world_size
-        if self.global_batch % per_step:
+        if not self.splits_over(world_size):
             raise ConfigError(
                 f"stage.global_batch: {self.global_batch} is not a multiple of micro_batch {self.micro_batch} x "
                 f"{world_size} processes = {per_step}"

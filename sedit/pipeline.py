@@ -27,7 +27,7 @@ from pathlib import Path
 
 from sedit.checkpoint import CONFIG_FILE, MODEL_FILE
 from sedit.checkpoint_integrity import candidates
-from sedit.config import Config, load_config, merge, parse_override
+from sedit.config import Config, StageConfig, load_config, merge, parse_override
 from sedit.preemption import STOP_SIGNALS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,8 +97,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stage_command(args: argparse.Namespace, cfg: Config, config: str, out: Path, overrides: list[str], gpus: int):
-    ds = engine_config(args.ds, out)
+def stage_command(
+    args: argparse.Namespace, cfg: Config, config: str, ds: str, out: Path, overrides: list[str], gpus: int
+) -> list[str]:
     ep = args.ep or default_ep(ds, gpus, cfg.model.num_experts)
     stage = [str(ROOT / "launch" / "stage.py"), "--config", config, "--ds", ds, "--out", str(out), "--resume", "auto"]
     stage += [f"--set={item}" for item in overrides] + ["--ep", str(ep)]
@@ -173,10 +174,10 @@ def run_forwarding_stop_signals(command: list[str], gpus: int) -> int:
             signal.signal(sig, previous)
 
 
-def processes_for(stage, available: int) -> int:
+def processes_for(stage: StageConfig, available: int) -> int:
     """As many of the ``available`` GPUs as the stage's global batch splits over evenly: global_batch =
     micro_batch x processes x accumulation (the tiny preset's 32 = 32 x 1 x 1 runs on one GPU)."""
-    fits = [n for n in range(1, available + 1) if stage.global_batch % (stage.micro_batch * n) == 0]
+    fits = [n for n in range(1, available + 1) if stage.splits_over(n)]
     return max(fits, default=1)  # none: one process, where the stage itself names the batch it cannot split
 
 
@@ -196,13 +197,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             ensure_builtin_data(cfg)
             what = "resuming" if (stage_dir / "checkpoints").is_dir() else "starting"
-            command = stage_command(args, cfg, config, stage_dir, overrides, gpus)
-            engine = Path(command[command.index("--ds") + 1])
+            ds = engine_config(args.ds, stage_dir)
             print(
-                f"== {cfg.stage.name}: {what} ({config}, {gpus} process(es), {engine.name}) -> {stage_dir}", flush=True
+                f"== {cfg.stage.name}: {what} ({config}, {gpus} process(es), {Path(ds).name}) -> {stage_dir}",
+                flush=True,
             )
             started = time.time()
-            code = run_forwarding_stop_signals(command, gpus)
+            code = run_forwarding_stop_signals(stage_command(args, cfg, config, ds, stage_dir, overrides, gpus), gpus)
             if code != 0:
                 print(f"== {cfg.stage.name}: stopped with exit status {code}; rerun the same command to resume")
                 return code

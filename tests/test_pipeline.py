@@ -99,7 +99,8 @@ def test_gpus_default_to_the_flat_engine_and_a_cpu_to_deepspeed(tmp_path, monkey
     args = pipeline.parse_args(["--configs", str(ROOT / "configs" / "xl" / "stage1.yaml"), "--out", "runs/xl"])
 
     def command(gpus):
-        line = pipeline.stage_command(args, cfg, "stage1.yaml", tmp_path / "s1", [], gpus)
+        out = tmp_path / "s1"
+        line = pipeline.stage_command(args, cfg, "stage1.yaml", pipeline.engine_config(args.ds, out), out, [], gpus)
         return line[line.index("--ds") + 1], line[line.index("--ep") + 1], "deepspeed.launcher.runner" in line
 
     monkeypatch.setattr(pipeline, "gpu_count", lambda: 4)
@@ -122,7 +123,7 @@ def test_a_half_finished_stage_resumes_on_the_engine_it_started_with(tmp_path, m
     out = tmp_path / "stage1"
 
     def chosen():
-        line = pipeline.stage_command(args, cfg, config, out, [], 2)
+        line = pipeline.stage_command(args, cfg, config, pipeline.engine_config(args.ds, out), out, [], 2)
         return line[line.index("--ds") + 1], line[line.index("--ep") + 1]
 
     fresh = (str(ROOT / "ds_configs" / "flat_dp.json"), "1")
