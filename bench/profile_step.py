@@ -15,7 +15,13 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train_step import add_setup_arguments, make_step, stage_config, start_device  # noqa: E402
+from train_step import (  # noqa: E402
+    add_setup_arguments,
+    apply_inductor_options,
+    make_step,
+    stage_config,
+    start_device,
+)
 
 
 def main() -> None:
@@ -27,9 +33,10 @@ def main() -> None:
     parser.add_argument("--trace", default=None, help="write a Chrome trace here")
     add_setup_arguments(parser)
     args = parser.parse_args()
+    apply_inductor_options(args.inductor, parser)
     device = start_device(args, parser)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    cfg = stage_config(args.preset, args.stage, args.micro_batch, world)
+    cfg = stage_config(args.preset, args.stage, args.micro_batch, world, attention=args.attention)
     runner = make_step(cfg, args, device)
     for _ in range(4):
         runner.step()

@@ -53,7 +53,8 @@ from sedit.moe.routing import expert_load, routing_stats  # noqa: E402
 MOE_SCALARS = ("router_entropy", "dropped_fraction", "experts_per_token")
 
 STAGES = {1: (256, 0.75, 128), 2: (256, 0.0, 64), 3: (512, 0.75, 32), 4: (512, 0.0, 16)}
-COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs"]  # reduce-overhead: CUDA graphs
+# reduce-overhead and max-autotune capture CUDA graphs
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 def matmul_ceiling(device: torch.device, n: int = 8192, reps: int = 20) -> float:
@@ -71,12 +72,20 @@ def matmul_ceiling(device: torch.device, n: int = 8192, reps: int = 20) -> float
     return 2 * n**3 * reps / (start.elapsed_time(end) / 1e3)
 
 
-def stage_config(preset: str, stage: int, micro_batch: int | None, world: int, global_batch: int | None = None):
+def stage_config(
+    preset: str,
+    stage: int,
+    micro_batch: int | None,
+    world: int,
+    global_batch: int | None = None,
+    attention: str = "sdpa",
+):
     res, mask, mb = STAGES[stage]
     mb = micro_batch or mb
     return build_config(
         {
             "preset": preset,
+            "model": {"attention": attention},
             "stage": {
                 "name": f"bench-stage{stage}",
                 "resolution": res,
@@ -181,7 +190,49 @@ def make_step(cfg, args, device) -> Runner:
 
 def compiled_suffix(args) -> str:
     """What a row's ``setup`` adds when the model is compiled (rows are matched by setup later)."""
-    return f", torch.compile {args.compile}" if args.compile else ""
+    if not args.compile:
+        return ""
+    extras = "".join(f", {option}" for option in args.inductor)
+    if args.attention != "sdpa":
+        extras += f", {args.attention} attention"
+    if args.sdpa:
+        extras += f", {args.sdpa} SDPA only"
+    return f", torch.compile {args.compile}{extras}"
+
+
+SDPA_SWITCHES = {
+    "cudnn": torch.backends.cuda.enable_cudnn_sdp,
+    "efficient": torch.backends.cuda.enable_mem_efficient_sdp,
+    "flash": torch.backends.cuda.enable_flash_sdp,
+}
+
+
+def restrict_sdpa(name: str | None) -> None:
+    """Leave only one fused SDPA kernel family enabled (None: PyTorch's own choice, cuDNN on Hopper)."""
+    if name:
+        for key, switch in SDPA_SWITCHES.items():
+            switch(key == name)
+
+
+def apply_inductor_options(options: list[str], parser: argparse.ArgumentParser) -> None:
+    """Set ``torch._inductor.config`` entries from KEY=VALUE texts (dotted keys for sub-sections)."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    for text in options:
+        key, sep, raw = text.partition("=")
+        *sections, name = key.split(".")
+        owner = inductor_config
+        for section in sections:
+            owner = getattr(owner, section, None)
+        if not sep or owner is None or not hasattr(owner, name):
+            parser.error(f"--inductor {text!r}: expected KEY=VALUE with KEY an option of torch._inductor.config")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # a plain string such as ATEN,TRITON
+        setattr(owner, name, value)
 
 
 def time_steps(runner: Runner, steps: int) -> tuple[list[float], list[float], list[float], torch.Tensor]:
@@ -239,7 +290,7 @@ def peak_memory_per_rank(device) -> list[float]:
 
 def bench_stage(stage: int, args, device, ceiling: float) -> dict:
     world = distributed.world_size()
-    cfg = stage_config(args.preset, stage, args.micro_batch, world, args.global_batch)
+    cfg = stage_config(args.preset, stage, args.micro_batch, world, args.global_batch, args.attention)
     torch.cuda.reset_peak_memory_stats(device)
     tic = time.time()
     runner = make_step(cfg, args, device)
@@ -338,6 +389,19 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
         choices=COMPILE_MODES,
         help="torch.compile the model, in this mode (reduce-overhead: CUDA graphs)",
     )
+    parser.add_argument(
+        "--inductor",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --compile: set a torch._inductor.config option first (e.g. coordinate_descent_tuning=True)",
+    )
+    parser.add_argument(
+        "--sdpa", default=None, choices=sorted(SDPA_SWITCHES), help="allow only this fused SDPA kernel family"
+    )
+    parser.add_argument(
+        "--attention", default="sdpa", choices=["sdpa", "flex"], help="the model's attention kernels (model.attention)"
+    )
     parser.add_argument("--local_rank", type=int, default=-1)
 
 
@@ -368,6 +432,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.trace:
         Path(args.trace).mkdir(parents=True, exist_ok=True)
+    apply_inductor_options(args.inductor, parser)
+    restrict_sdpa(args.sdpa)
     device = start_device(args, parser)
     torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True
