@@ -1,5 +1,5 @@
 """Attention backends on the model's own attention shapes: forward + backward time of every
-attention call of one XL training step, per SDPA backend and for compiled FlexAttention.
+scaled_dot_product_attention call of one XL training step, per SDPA backend.
 
     python bench/attention.py --preset XL --stages 1 2 3 4
 
@@ -26,12 +26,11 @@ from train_step import STAGES, stage_config  # noqa: E402
 from sedit.masking import kept_count  # noqa: E402
 from sedit.model import backbone_shapes, mixer_shapes  # noqa: E402
 
-SDPA_BACKENDS = {
+BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
 }
-BACKENDS = [*SDPA_BACKENDS, "flex"]  # flex: FlexAttention, compiled for each call's shapes
 
 
 def attention_calls(config) -> list[tuple[int, int, int, int]]:
@@ -50,25 +49,7 @@ def attention_calls(config) -> list[tuple[int, int, int, int]]:
     return calls
 
 
-def attention_function(name: str):
-    """(q, k, v) -> attention output through one backend."""
-    if name == "flex":
-        from torch.nn.attention.flex_attention import flex_attention
-
-        limits = ("recompile_limit", "cache_size_limit")  # one compiled kernel per call shape
-        for limit in limits:
-            if hasattr(torch._dynamo.config, limit):
-                setattr(torch._dynamo.config, limit, 1024)
-        return torch.compile(flex_attention)
-
-    def sdpa(q, k, v):
-        with sdpa_kernel(SDPA_BACKENDS[name]):
-            return F.scaled_dot_product_attention(q, k, v)
-
-    return sdpa
-
-
-def time_backend(calls, name: str, head_dim: int, reps: int = 10) -> float:
+def time_backend(calls, backend, head_dim: int, reps: int = 10) -> float:
     """Milliseconds of forward + backward over all calls, median of ``reps``."""
     tensors = []
     for n, h, tq, tk in calls:
@@ -77,11 +58,10 @@ def time_backend(calls, name: str, head_dim: int, reps: int = 10) -> float:
         v = torch.randn(n, h, tk, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         tensors.append((q, k, v, torch.randn(n, h, tq, head_dim, device="cuda", dtype=torch.bfloat16)))
 
-    attention = attention_function(name)
-
     def run():  # gradients returned, not accumulated into .grad (no extra add kernels timed)
-        for q, k, v, grad in tensors:
-            torch.autograd.grad(attention(q, k, v), (q, k, v), grad)
+        with sdpa_kernel(backend):
+            for q, k, v, grad in tensors:
+                torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), grad)
 
     run()
     times = []
@@ -107,9 +87,9 @@ def main() -> None:
         config = stage_config(args.preset, stage, None, 1)
         calls, head_dim = attention_calls(config), config.model.head_dim
         row = {"preset": args.preset, "stage": stage, "calls": len(calls), "gpu": torch.cuda.get_device_name()}
-        for name in BACKENDS:
+        for name, backend in BACKENDS.items():
             try:
-                row[f"{name}_ms"] = time_backend(calls, name, head_dim)
+                row[f"{name}_ms"] = time_backend(calls, backend, head_dim)
             except RuntimeError as err:  # a backend that refuses these shapes
                 row[f"{name}_ms"] = None
                 row[f"{name}_error"] = str(err).splitlines()[0]

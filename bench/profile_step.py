@@ -36,7 +36,7 @@ def main() -> None:
     apply_inductor_options(args.inductor, parser)
     device = start_device(args, parser)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    cfg = stage_config(args.preset, args.stage, args.micro_batch, world, attention=args.attention)
+    cfg = stage_config(args.preset, args.stage, args.micro_batch, world)
     runner = make_step(cfg, args, device)
     for _ in range(4):
         runner.step()

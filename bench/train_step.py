@@ -72,20 +72,12 @@ def matmul_ceiling(device: torch.device, n: int = 8192, reps: int = 20) -> float
     return 2 * n**3 * reps / (start.elapsed_time(end) / 1e3)
 
 
-def stage_config(
-    preset: str,
-    stage: int,
-    micro_batch: int | None,
-    world: int,
-    global_batch: int | None = None,
-    attention: str = "sdpa",
-):
+def stage_config(preset: str, stage: int, micro_batch: int | None, world: int, global_batch: int | None = None):
     res, mask, mb = STAGES[stage]
     mb = micro_batch or mb
     return build_config(
         {
             "preset": preset,
-            "model": {"attention": attention},
             "stage": {
                 "name": f"bench-stage{stage}",
                 "resolution": res,
@@ -193,8 +185,6 @@ def compiled_suffix(args) -> str:
     if not args.compile:
         return ""
     extras = "".join(f", {option}" for option in args.inductor)
-    if args.attention != "sdpa":
-        extras += f", {args.attention} attention"
     if args.sdpa:
         extras += f", {args.sdpa} SDPA only"
     return f", torch.compile {args.compile}{extras}"
@@ -290,7 +280,7 @@ def peak_memory_per_rank(device) -> list[float]:
 
 def bench_stage(stage: int, args, device, ceiling: float) -> dict:
     world = distributed.world_size()
-    cfg = stage_config(args.preset, stage, args.micro_batch, world, args.global_batch, args.attention)
+    cfg = stage_config(args.preset, stage, args.micro_batch, world, args.global_batch)
     torch.cuda.reset_peak_memory_stats(device)
     tic = time.time()
     runner = make_step(cfg, args, device)
@@ -398,9 +388,6 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--sdpa", default=None, choices=sorted(SDPA_SWITCHES), help="allow only this fused SDPA kernel family"
-    )
-    parser.add_argument(
-        "--attention", default="sdpa", choices=["sdpa", "flex"], help="the model's attention kernels (model.attention)"
     )
     parser.add_argument("--local_rank", type=int, default=-1)
 

@@ -53,14 +53,12 @@ class ModelConfig:
     caption_len: int = 77  # text-encoder tokens per caption
     freq_dim: int = 256  # sinusoidal noise-level embedding size
     norm_eps: float = 1e-6
-    attention: str = "sdpa"  # attention kernels: "sdpa" (PyTorch's fused kernels) or "flex" (compiled FlexAttention)
 
     def validate(self, prefix: str = "model") -> None:
         _require(self.width % self.head_dim == 0, f"{prefix}.width", "must be a multiple of head_dim")
         _require(self.mixer_width % self.head_dim == 0, f"{prefix}.mixer_width", "must be a multiple of head_dim")
         _require(self.depth >= 1, f"{prefix}.depth", "must be >= 1")
         _require(self.mixer_depth >= 0, f"{prefix}.mixer_depth", "must be >= 0")
-        _require(self.attention in ("sdpa", "flex"), f"{prefix}.attention", "must be 'sdpa' or 'flex'")
         _require(self.num_experts >= 1, f"{prefix}.num_experts", "must be >= 1")
         _require(0 < self.capacity <= self.num_experts, f"{prefix}.capacity", "must be in (0, num_experts]")
         _require(self.moe_every >= 0, f"{prefix}.moe_every", "must be >= 0 (0 disables MoE)")

@@ -101,19 +101,6 @@ def split_heads(x: torch.Tensor, head_dim: int, norm: nn.Module | None = None) -
     return x.transpose(1, 2)  # (N, H, T, K)
 
 
-ATTENTION_BACKENDS = ("sdpa", "flex")
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
-    """softmax(q k^T / sqrt(K)) v over (N, H, T, K) heads: PyTorch's SDPA (cuDNN / flash kernels), or
-    FlexAttention, whose Triton kernels torch.compile generates for the step's own shapes."""
-    if backend == "flex":
-        from torch.nn.attention.flex_attention import flex_attention
-
-        return flex_attention(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v)
-
-
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     n, h, t, k = x.shape
     return x.transpose(1, 2).reshape(n, t, h * k)  # (N, T, D)
@@ -122,10 +109,9 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 class SelfAttention(nn.Module):
     """Multi-head self-attention with QK-LayerNorm, no biases; width may differ from the stream."""
 
-    def __init__(self, dim: int, attn_dim: int, head_dim: int, eps: float, backend: str = "sdpa"):
+    def __init__(self, dim: int, attn_dim: int, head_dim: int, eps: float):
         super().__init__()
         self.head_dim = head_dim
-        self.backend = backend
         self.qkv = nn.Linear(dim, 3 * attn_dim, bias=False)
         self.q_norm = LayerNorm(head_dim, eps=eps, bias=False)
         self.k_norm = LayerNorm(head_dim, eps=eps, bias=False)
@@ -136,17 +122,16 @@ class SelfAttention(nn.Module):
         q = split_heads(q, self.head_dim, self.q_norm)  # (N, H, T, K)
         k = split_heads(k, self.head_dim, self.k_norm)
         v = split_heads(v, self.head_dim)
-        out = attend(q, k, v, self.backend)  # (N, H, T, K)
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, K)
         return self.proj(merge_heads(out))  # (N, T, D)
 
 
 class CrossAttention(nn.Module):
     """Image tokens attend to caption tokens (kv_dim wide), QK-LayerNorm, no biases."""
 
-    def __init__(self, dim: int, kv_dim: int, head_dim: int, eps: float, backend: str = "sdpa"):
+    def __init__(self, dim: int, kv_dim: int, head_dim: int, eps: float):
         super().__init__()
         self.head_dim = head_dim
-        self.backend = backend
         self.q = nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(kv_dim, 2 * dim, bias=False)
         self.q_norm = LayerNorm(head_dim, eps=eps, bias=False)
@@ -158,7 +143,7 @@ class CrossAttention(nn.Module):
         k, v = self.kv(context).chunk(2, dim=-1)  # (N, L, D) each
         k = split_heads(k, self.head_dim, self.k_norm)  # (N, H, L, K)
         v = split_heads(v, self.head_dim)
-        out = attend(q, k, v, self.backend)  # (N, H, T, K)
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, K)
         return self.proj(merge_heads(out))
 
 
@@ -185,13 +170,13 @@ class CaptionEncoder(nn.Module):
     """Refines text-encoder tokens: MLP projection to the backbone width, then one
     self-attention + SwiGLU block. (N, L, Dc) -> (N, L, D)."""
 
-    def __init__(self, caption_dim: int, dim: int, head_dim: int, eps: float, backend: str = "sdpa"):
+    def __init__(self, caption_dim: int, dim: int, head_dim: int, eps: float):
         super().__init__()
         self.project = nn.Sequential(
             nn.Linear(caption_dim, dim, bias=False), nn.GELU(approximate="tanh"), nn.Linear(dim, dim, bias=False)
         )
         self.norm1 = LayerNorm(dim, eps=eps, bias=False)
-        self.attn = SelfAttention(dim, dim, head_dim, eps, backend)
+        self.attn = SelfAttention(dim, dim, head_dim, eps)
         self.norm2 = LayerNorm(dim, eps=eps, bias=False)
         self.ffn = SwiGLU(dim, 4 * dim)
 

@@ -58,9 +58,9 @@ class Block(nn.Module):
         super().__init__()
         dim, eps = shape.dim, cfg.norm_eps
         self.norm_attn = LayerNorm(dim, eps=eps, elementwise_affine=False)
-        self.attn = SelfAttention(dim, shape.attn_dim, cfg.head_dim, eps, cfg.attention)
+        self.attn = SelfAttention(dim, shape.attn_dim, cfg.head_dim, eps)
         self.norm_cross = LayerNorm(dim, eps=eps, bias=False)
-        self.cross = CrossAttention(dim, kv_dim, cfg.head_dim, eps, cfg.attention)
+        self.cross = CrossAttention(dim, kv_dim, cfg.head_dim, eps)
         self.norm_ffn = LayerNorm(dim, eps=eps, elementwise_affine=False)
         if shape.moe:
             self.ffn = ExpertChoiceMoE(dim, shape.ffn_hidden, cfg.num_experts, cfg.capacity, cfg.expert_gated)
@@ -147,7 +147,7 @@ class SparseDiT(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(cfg.mixer_width, cfg.base_grid, cfg.base_grid), persistent=False)
         self.noise_embed = NoiseLevelEmbedder(d, cfg.freq_dim)
         self.pooled_caption_embed = nn.Sequential(nn.Linear(cfg.caption_dim, d), nn.SiLU(), nn.Linear(d, d))
-        self.caption_encoder = CaptionEncoder(cfg.caption_dim, d, cfg.head_dim, cfg.norm_eps, cfg.attention)
+        self.caption_encoder = CaptionEncoder(cfg.caption_dim, d, cfg.head_dim, cfg.norm_eps)
         self.mixer = nn.ModuleList(Block(s, d, d, cfg) for s in mixer_shapes(cfg))
         self.mixer_to_backbone = nn.Linear(cfg.mixer_width, d, bias=False)
         self.blocks = nn.ModuleList(Block(s, d, d, cfg) for s in backbone_shapes(cfg))

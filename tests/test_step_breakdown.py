@@ -216,3 +216,46 @@ def test_compiled_stages_refuses_more_stages_than_gpus(tmp_path):
     assert run.returncode == 2
     assert "2 stages but 0 GPUs" in run.stderr
     assert not list((tmp_path / "out").glob("*.jsonl"))  # nothing started
+
+
+def test_inductor_options_set_plain_and_dotted_keys_and_refuse_unknown_ones(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
+    monkeypatch.setattr(inductor_config.triton, "cudagraph_trees", True)
+    monkeypatch.setattr(inductor_config, "max_autotune_gemm_backends", "ATEN")
+    parser = argparse.ArgumentParser()
+    options = [
+        "coordinate_descent_tuning=True",
+        "triton.cudagraph_trees=False",
+        "max_autotune_gemm_backends=ATEN,TRITON",
+    ]
+    train_step.apply_inductor_options(options, parser)
+    assert inductor_config.coordinate_descent_tuning is True  # parsed as a Python literal
+    assert inductor_config.triton.cudagraph_trees is False
+    assert inductor_config.max_autotune_gemm_backends == "ATEN,TRITON"  # not a literal: kept as text
+    args = argparse.Namespace(compile="reduce-overhead", inductor=options[:1], sdpa="cudnn")
+    assert train_step.compiled_suffix(args) == (
+        ", torch.compile reduce-overhead, coordinate_descent_tuning=True, cudnn SDPA only"
+    )
+    for bad in ("no_such_option=1", "triton.no_such_option=1", "coordinate_descent_tuning"):
+        with pytest.raises(SystemExit):
+            train_step.apply_inductor_options([bad], parser)
+
+
+def test_sdpa_restriction_leaves_one_kernel_family():
+    switches = torch.backends.cuda
+    before = (switches.cudnn_sdp_enabled(), switches.mem_efficient_sdp_enabled(), switches.flash_sdp_enabled())
+    try:
+        train_step.restrict_sdpa("efficient")
+        assert (switches.cudnn_sdp_enabled(), switches.mem_efficient_sdp_enabled(), switches.flash_sdp_enabled()) == (
+            False,
+            True,
+            False,
+        )
+        train_step.restrict_sdpa(None)  # no choice: nothing changes
+        assert not switches.flash_sdp_enabled()
+    finally:
+        switches.enable_cudnn_sdp(before[0])
+        switches.enable_mem_efficient_sdp(before[1])
+        switches.enable_flash_sdp(before[2])
