@@ -438,8 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.breakdown:
         distributed.print0(breakdown_markdown(rows))
         distributed.print0(kinds_markdown(rows))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # left to interpreter exit, NCCL's teardown can hang
+    distributed.stop()  # left to interpreter exit, NCCL's teardown can hang
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -105,6 +106,28 @@ def start() -> torch.device:
         torch.cuda.set_device(here)
     deepspeed.init_distributed(dist_backend="nccl" if here.type == "cuda" else "gloo")
     return here
+
+
+def cpu_allreduce_buffer() -> Path:
+    """The shared-memory file that DeepSpeed's CPU all-reduce keeps for this rank.
+
+    DeepSpeed 0.19.8 (``ops/csrc/cpu/comm/shm.cpp``) creates it when all ranks run on one machine,
+    named after the user id, MASTER_ADDR, MASTER_PORT and the rank, and never removes it: each
+    multi-process CPU run would leave ~69 MB per rank in /dev/shm until the machine restarts.
+    """
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank()}"
+
+
+def stop() -> None:
+    """Leave the process group (before interpreter shutdown, where teardown order is not ours) and
+    remove this rank's CPU all-reduce buffer. Every rank mapped the others' buffers while joining, and a
+    mapping outlives its file's name, so removing the names then takes nothing from a running peer."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    buffer = cpu_allreduce_buffer()
+    dist.destroy_process_group()
+    buffer.unlink(missing_ok=True)
 
 
 def barrier() -> None:

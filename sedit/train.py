@@ -106,10 +106,7 @@ def run_stage(args: Namespace) -> int:
         return stage.run()
     finally:
         stop.restore()
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()  # before interpreter shutdown, where teardown order is not ours
+        distributed.stop()
 
 
 def write_run_files(out: Path, cfg: Config, ds: dict) -> None:

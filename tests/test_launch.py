@@ -17,9 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
 
-def launch(out, *extra, ds="zero3.json", procs=2):
+def launch(out, *extra, ds="zero3.json", procs=2, port=None):
+    port = port or free_port()
     cmd = [
-        DEEPSPEED, "--num_gpus", str(procs), "--master_port", str(free_port()), str(ROOT / "launch" / "stage.py"),
+        DEEPSPEED, "--num_gpus", str(procs), "--master_port", str(port), str(ROOT / "launch" / "stage.py"),
         "--config", str(ROOT / "configs" / "tiny" / "smoke.yaml"), "--ds", str(ROOT / "ds_configs" / ds),
         "--out", str(out), *extra,
     ]  # fmt: skip
@@ -27,9 +28,16 @@ def launch(out, *extra, ds="zero3.json", procs=2):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
+def shared_memory_left(port: int) -> list[Path]:
+    """DeepSpeed's CPU all-reduce buffers of the run that used this master port (distributed.cpu_allreduce_buffer)."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+
+
 def test_deepspeed_launcher_trains_checkpoints_exports_and_resumes(tmp_path):
-    run = launch(tmp_path)
+    port = free_port()
+    run = launch(tmp_path, port=port)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert shared_memory_left(port) == []
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000004"
@@ -40,6 +48,21 @@ def test_deepspeed_launcher_trains_checkpoints_exports_and_resumes(tmp_path):
     assert "resumed from" in again.stdout and "at step 4" in again.stdout
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # appended, no step repeated or lost
+
+
+def test_a_cpu_run_removes_the_shared_memory_deepspeed_leaves(tmp_path):
+    port = free_port()
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), str(ROOT / "tests" / "shm_worker.py"),
+           "--out", str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["sum"] == [3.0] * 4  # 1 + 2: both ranks took part
+        assert record["existed"], f"DeepSpeed made no {record['buffer']}: the name no longer matches shm.cpp's"
+        assert not record["exists_after"]
+    assert shared_memory_left(port) == []
 
 
 def refused(*extra, world="2"):
