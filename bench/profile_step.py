@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train_step import (  # noqa: E402
     add_setup_arguments,
-    apply_inductor_options,
+    apply_setup_options,
     make_step,
     stage_config,
     start_device,
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--trace", default=None, help="write a Chrome trace here")
     add_setup_arguments(parser)
     args = parser.parse_args()
-    apply_inductor_options(args.inductor, parser)
+    apply_setup_options(args, parser)
     device = start_device(args, parser)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     cfg = stage_config(args.preset, args.stage, args.micro_batch, world)

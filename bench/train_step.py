@@ -135,7 +135,7 @@ def make_step(cfg, args, device) -> Runner:
             engine.step()  # steps the optimizer only at the accumulation boundary
             return loss.detach()
 
-        setup = f"deepspeed {Path(args.ds).name} ep={ds['expert_parallel']['autoep_size']}" + compiled_suffix(args)
+        setup = f"deepspeed {Path(args.ds).name} ep={ds['expert_parallel']['autoep_size']}" + setup_suffix(args)
         return Runner(ds_micro_step, accumulation, setup, engine.module, ds_loss)
 
     torch.manual_seed(0)
@@ -156,7 +156,7 @@ def make_step(cfg, args, device) -> Runner:
         def end_of_step():
             grads.step(opt, cfg.stage.grad_clip)
 
-        setup = "data parallel, one flat all-reduce, bf16 autocast, fused AdamW" + compiled_suffix(args)
+        setup = "data parallel, one flat all-reduce, bf16 autocast, fused AdamW" + setup_suffix(args)
     else:
         scale = 1 / accumulation
         if accumulation > 1:  # gradients accumulate in buffers of their own, not in a CUDA graph's reused outputs
@@ -168,7 +168,7 @@ def make_step(cfg, args, device) -> Runner:
             opt.step()
             opt.zero_grad(set_to_none=accumulation == 1)
 
-        setup = "single GPU, bf16 autocast, fused AdamW" + compiled_suffix(args)
+        setup = "single GPU, bf16 autocast, fused AdamW" + setup_suffix(args)
 
     def plain_micro_step(last: bool):
         loss = plain_loss()
@@ -180,14 +180,14 @@ def make_step(cfg, args, device) -> Runner:
     return Runner(plain_micro_step, accumulation, setup, precond, plain_loss)
 
 
-def compiled_suffix(args) -> str:
-    """What a row's ``setup`` adds when the model is compiled (rows are matched by setup later)."""
-    if not args.compile:
-        return ""
-    extras = "".join(f", {option}" for option in args.inductor)
+def setup_suffix(args) -> str:
+    """What a row's ``setup`` adds for compiling and kernel choices (rows are matched by setup later)."""
+    suffix = ""
+    if args.compile:
+        suffix += f", torch.compile {args.compile}" + "".join(f", {option}" for option in args.inductor)
     if args.sdpa:
-        extras += f", {args.sdpa} SDPA only"
-    return f", torch.compile {args.compile}{extras}"
+        suffix += f", {args.sdpa} SDPA only"
+    return suffix
 
 
 SDPA_SWITCHES = {
@@ -202,6 +202,12 @@ def restrict_sdpa(name: str | None) -> None:
     if name:
         for key, switch in SDPA_SWITCHES.items():
             switch(key == name)
+
+
+def apply_setup_options(args, parser: argparse.ArgumentParser) -> None:
+    """Put the --inductor and --sdpa choices of ``add_setup_arguments`` into effect, before any compiling."""
+    apply_inductor_options(args.inductor, parser)
+    restrict_sdpa(args.sdpa)
 
 
 def apply_inductor_options(options: list[str], parser: argparse.ArgumentParser) -> None:
@@ -419,8 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.trace:
         Path(args.trace).mkdir(parents=True, exist_ok=True)
-    apply_inductor_options(args.inductor, parser)
-    restrict_sdpa(args.sdpa)
+    apply_setup_options(args, parser)
     device = start_device(args, parser)
     torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True

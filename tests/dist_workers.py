@@ -31,12 +31,13 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
     torch.set_num_threads(1)
     import deepspeed
-    import torch.distributed as dist
+
+    from sedit import distributed
 
     deepspeed.init_distributed(dist_backend="gloo")
     fn(rank, world, *args)
-    dist.barrier()
-    dist.destroy_process_group()  # tear gloo down before exit, not in interpreter shutdown
+    distributed.barrier()
+    distributed.stop()  # tear gloo down before exit, not in interpreter shutdown, as the trainer does
 
 
 def run_spawn(fn, world: int, *args) -> None:

@@ -144,7 +144,10 @@ def test_bench_flat_steps_equal_the_plain_accumulating_steps(monkeypatch, grad_c
         torch.manual_seed(1)
         cfg = train_step.stage_config("tiny", 1, 2, 1, global_batch=4)
         cfg.stage.grad_clip = grad_clip
-        runner = train_step.make_step(cfg, argparse.Namespace(ds=None, dp=dp, compile=None), torch.device("cpu"))
+        parser = argparse.ArgumentParser()
+        train_step.add_setup_arguments(parser)
+        args = parser.parse_args(["--dp"] if dp else [])
+        runner = train_step.make_step(cfg, args, torch.device("cpu"))
         assert runner.accumulation == 2
         runner.step()
         runner.step()

@@ -111,10 +111,16 @@ def test_breakdown_refuses_a_trace_without_gpu_activity():
         step_breakdown.breakdown([{"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5}])
 
 
+def setup_args(*argv: str) -> argparse.Namespace:
+    """The set-up options as bench/train_step.py parses them (every option present, defaults filled)."""
+    parser = argparse.ArgumentParser()
+    train_step.add_setup_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
 def tiny_runner(global_batch: int):
     cfg = train_step.stage_config("tiny", 1, 2, 1, global_batch)
-    args = argparse.Namespace(ds=None, dp=False, compile=False)
-    return cfg, train_step.make_step(cfg, args, torch.device("cpu"))
+    return cfg, train_step.make_step(cfg, setup_args(), torch.device("cpu"))
 
 
 def test_one_step_accumulates_the_micro_batches_of_the_global_batch_and_steps_once():
@@ -234,10 +240,12 @@ def test_inductor_options_set_plain_and_dotted_keys_and_refuse_unknown_ones(monk
     assert inductor_config.coordinate_descent_tuning is True  # parsed as a Python literal
     assert inductor_config.triton.cudagraph_trees is False
     assert inductor_config.max_autotune_gemm_backends == "ATEN,TRITON"  # not a literal: kept as text
-    args = argparse.Namespace(compile="reduce-overhead", inductor=options[:1], sdpa="cudnn")
-    assert train_step.compiled_suffix(args) == (
+    args = setup_args("--compile", "reduce-overhead", "--inductor", options[0], "--sdpa", "cudnn")
+    assert train_step.setup_suffix(args) == (
         ", torch.compile reduce-overhead, coordinate_descent_tuning=True, cudnn SDPA only"
     )
+    eager = setup_args("--sdpa", "efficient")
+    assert train_step.setup_suffix(eager) == ", efficient SDPA only"  # a kernel choice shows without compiling too
     for bad in ("no_such_option=1", "triton.no_such_option=1", "coordinate_descent_tuning"):
         with pytest.raises(SystemExit):
             train_step.apply_inductor_options([bad], parser)
