@@ -44,7 +44,7 @@ from step_breakdown import markdown as breakdown_markdown  # noqa: E402
 from sedit import distributed  # noqa: E402
 from sedit.config import build_config  # noqa: E402
 from sedit.edm import EDMLoss, EDMPrecond  # noqa: E402
-from sedit.flat_grads import FlatGradients  # noqa: E402
+from sedit.flat_grads import FlatGradients, clipped_step  # noqa: E402
 from sedit.flops import forward_flops_per_image, train_flops_per_image  # noqa: E402
 from sedit.metrics import forget_routing, moe_layers  # noqa: E402
 from sedit.model import build_model  # noqa: E402
@@ -164,8 +164,8 @@ def make_step(cfg, args, device) -> Runner:
                 p.grad = torch.zeros_like(p)
 
         def end_of_step():
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.stage.grad_clip, foreach=True)
-            opt.step()
+            grads = [p.grad for p in net.parameters() if p.grad is not None]
+            clipped_step(opt, grads, cfg.stage.grad_clip)  # the clipping factor rides on the fused AdamW's reads
             opt.zero_grad(set_to_none=accumulation == 1)
 
         setup = "single GPU, bf16 autocast, fused AdamW" + setup_suffix(args)

@@ -70,36 +70,17 @@ class FlatGradients:
     def clip_(self, max_norm: float) -> torch.Tensor:
         """Scale the gradient to at most ``max_norm`` in L2 norm; returns the norm before clipping, on device."""
         norm = torch.linalg.vector_norm(self.buffer)
-        self.buffer.mul_(torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0))
+        clip_in_place([self.buffer], max_norm, norm)
         return norm
 
     def zero_(self) -> None:
         self.buffer.zero_()
 
     def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
-        """The end of an optimizer step: reduce, clip, step, zero. Returns the norm before clipping, on device.
-
-        A fused optimizer (``fused=True`` AdamW, Adam, SGD) divides every gradient by its ``grad_scale``
-        as it reads it; that is how GradScaler unscales. Clipping then rides on that division,
-
-            g * min(1, c / (||g|| + eps))  =  g / max(1, (||g|| + eps) / c),
-
-        and needs no pass of its own over the buffer. The same kernel skips the step where ``found_inf``
-        is set: a gradient with an infinite or NaN value leaves weights and moments as they were (the
-        returned norm shows it). Other optimizers get the buffer clipped first, and no such guard.
-        """
+        """The end of an optimizer step: reduce, clip and step (``clipped_step``), zero. Returns the norm
+        before clipping, on device."""
         self.all_reduce_()
-        if not getattr(optimizer, "_step_supports_amp_scaling", False):
-            norm = self.clip_(max_norm)
-            optimizer.step()
-        else:
-            norm = torch.linalg.vector_norm(self.buffer).float()
-            optimizer.grad_scale = torch.clamp((norm + CLIP_EPS) / max_norm, min=1.0)
-            optimizer.found_inf = (~torch.isfinite(norm)).float()
-            try:
-                optimizer.step()
-            finally:
-                del optimizer.grad_scale, optimizer.found_inf
+        norm = clipped_step(optimizer, [self.buffer], max_norm)
         self.zero_()
         return norm
 
@@ -107,3 +88,36 @@ class FlatGradients:
         """Whether every parameter's gradient is still a view of the buffer."""
         storage = self.buffer.untyped_storage().data_ptr()
         return all(p.grad is not None and p.grad.untyped_storage().data_ptr() == storage for p in self.params)
+
+
+def clip_in_place(grads: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
+    """g <- g * min(1, c / (||g|| + eps)) for the gradients whose joint norm is ``norm``."""
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0))
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """One optimizer step on ``grads`` (the gradients of the optimizer's parameters) clipped to ``max_norm``
+    in their joint L2 norm, as ``clip_grad_norm_`` then ``step``. Returns the norm before clipping, on device.
+
+    A fused optimizer (``fused=True`` AdamW, Adam, SGD) divides every gradient by its ``grad_scale`` as it
+    reads it; that is how GradScaler unscales. Clipping then rides on that division,
+
+        g * min(1, c / (||g|| + eps))  =  g / max(1, (||g|| + eps) / c),
+
+    and needs no pass of its own over the gradients (the kernel writes each divided gradient back as it
+    goes, so ``.grad`` is left clipped, as ``clip_grad_norm_`` leaves it). The same kernel skips the step
+    where ``found_inf`` is set: a gradient with an infinite or NaN value leaves weights and moments as they
+    were (the returned norm shows it). Other optimizers get the gradients clipped first, and no such guard.
+    """
+    norm = torch.nn.utils.get_total_norm(grads).float()  # foreach kernels where the device has them
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        clip_in_place(grads, max_norm, norm)
+        optimizer.step()
+        return norm
+    optimizer.grad_scale = torch.clamp((norm + CLIP_EPS) / max_norm, min=1.0)
+    optimizer.found_inf = (~torch.isfinite(norm)).float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
+    return norm

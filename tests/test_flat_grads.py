@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_step_breakdown import train_step
 
+from sedit import flat_grads
 from sedit.flat_engine import weight_decay_groups
 from sedit.flat_grads import FlatGradients
 
@@ -57,8 +58,8 @@ def test_step_clips_steps_and_zeroes_like_clip_grad_norm_then_adamw(monkeypatch,
     model, twin = mlp(), mlp()
     grads = FlatGradients(model.parameters())
     explicit_clips = []
-    clip = FlatGradients.clip_
-    monkeypatch.setattr(FlatGradients, "clip_", lambda self, c: explicit_clips.append(c) or clip(self, c))
+    clip = flat_grads.clip_in_place
+    monkeypatch.setattr(flat_grads, "clip_in_place", lambda g, c, norm: explicit_clips.append(c) or clip(g, c, norm))
     opt = torch.optim.AdamW(weight_decay_groups(model, 0.1), lr=0.1, fused=fused)  # two groups, one scale
     reference = torch.optim.AdamW(weight_decay_groups(twin, 0.1), lr=0.1, foreach=False)
     for _ in range(3):
@@ -75,6 +76,29 @@ def test_step_clips_steps_and_zeroes_like_clip_grad_norm_then_adamw(monkeypatch,
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert len(explicit_clips) == (0 if fused else 3)  # fused: the factor rides on the kernel's grad_scale
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_clipped_step_on_separate_gradients_is_clip_grad_norm_then_step(fused):
+    """The single-GPU bench's step: per-parameter gradients (no flat buffer), the same clipping."""
+    model, twin = mlp(), mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+    reference = torch.optim.AdamW(twin.parameters(), lr=0.1, foreach=False)
+    for _ in range(3):
+        x = torch.randn(4, 6)
+        model(x).square().sum().backward()
+        twin(x).square().sum().backward()
+        norm = flat_grads.clipped_step(opt, [p.grad for p in model.parameters()], 1e-2)
+        ref = torch.nn.utils.clip_grad_norm_(twin.parameters(), 1e-2)
+        reference.step()
+        torch.testing.assert_close(norm, ref)
+        assert ref > 1e-2  # the clipping was active
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad)  # left clipped, as clip_grad_norm_ leaves them
+        opt.zero_grad()
+        reference.zero_grad()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_a_non_finite_gradient_is_skipped_by_the_fused_step():
@@ -157,8 +181,8 @@ def test_bench_flat_steps_equal_the_plain_accumulating_steps(monkeypatch, grad_c
     plain, plain_setup = two_steps(dp=False)
     assert "flat all-reduce" in flat_setup and "flat" not in plain_setup
     assert len(seen) == 4  # flat's two steps, then plain's two
-    for flat_grads, plain_grads in zip(seen[:2], seen[2:], strict=True):
-        for a, b in zip(flat_grads, plain_grads, strict=True):
+    for flat_step, plain_step in zip(seen[:2], seen[2:], strict=True):
+        for a, b in zip(flat_step, plain_step, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     for a, b in zip(flat, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
