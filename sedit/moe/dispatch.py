@@ -1,18 +1,20 @@
 """Moving tokens between the image layout (N, T, D) and the expert-major layout (E, N*C, D).
 
-Both directions are gathers, forward and backward: no one-hot [tokens, experts, capacity] tensors and no
-scatter-add. A scatter-add accumulates with atomics (under autocast in bf16: slow, every partial sum
-rounded, in an order that changes from run to run). The sum over the experts that took a token is read
-instead through the slot map, the inverse of the routing index:
+No one-hot [tokens, experts, capacity] tensors: the dispatch is a gather, and the combine a gather-sum
+through the slot map, the inverse of the routing index:
 
     slot[n, e, t] = c   where token_index[n, e, c] = t;   C (no slot) where expert e did not take token t
 
     dispatch:  tokens[e, n*C + c] = x[n, token_index[n, e, c]]
     combine:   y[n, t] = sum_e g[n, e, t] * out[e, n*C + slot[n, e, t]]        (g = 0 where there is no slot)
 
-Each is the other's backward: dL/dx of the dispatch is a combine with unit gates, dL/dout of the combine
-a dispatch of dL/dy scaled by the gates. Under torch.compile the gather-sum is one kernel with indirect
-loads; outside it, a loop over the E experts keeps the memory at one (N, T, D) term at a time.
+The combine used to be a scatter-add (``index_add_``), which accumulates with atomics: in bf16 under
+autocast that took 0.19-0.27 ms per XL layer on an H100 and rounded every partial sum. Read through the
+slot map it is a gather with an fp32 sum over the experts, which torch.compile fuses with the residual
+add and the next LayerNorm; its backward, written by hand, is a gather too (dL/dout is the dispatch of
+dL/dy, scaled by the gates). The dispatch keeps autograd's backward, a scatter-add that torch.compile
+turns into one fp32 kernel: the gather-sum in its place, fused into the LayerNorm's backward, ran slower
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def gather_sum(rows: torch.Tensor, placement: Placement, weight: torch.Tensor) -
 
 def dispatch(x: torch.Tensor, placement: Placement) -> torch.Tensor:
     """Gather every expert's chosen tokens: x (N, T, D) -> (E, N*C, D)."""
-    return _Dispatch.apply(x, placement.token_index, placement.slot)
+    return gather_rows(x, placement.token_index)
 
 
 def combine(expert_out: torch.Tensor, gates: torch.Tensor, placement: Placement) -> torch.Tensor:
@@ -91,19 +93,6 @@ def combine(expert_out: torch.Tensor, gates: torch.Tensor, placement: Placement)
 def gate_map(gates: torch.Tensor, placement: Placement) -> torch.Tensor:
     """(N, E, C) gates -> (N, E, T): each gate at its token, 0 where the expert took nothing."""
     return torch.zeros_like(placement.slot, dtype=gates.dtype).scatter_(2, placement.token_index, gates)
-
-
-class _Dispatch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, token_index: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(token_index, slot)
-        return gather_rows(x, token_index)
-
-    @staticmethod
-    def backward(ctx, grad_tokens: torch.Tensor):
-        placement = Placement(*ctx.saved_tensors)
-        grad_x = gather_sum(grad_tokens, placement, placement.taken().float())  # unit gates
-        return grad_x, None, None
 
 
 class _Combine(torch.autograd.Function):
