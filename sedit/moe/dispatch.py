@@ -67,17 +67,20 @@ def gather_sum(rows: torch.Tensor, placement: Placement, weight: torch.Tensor) -
     """y[n, t] = sum_e weight[n, e, t] * rows[e, n*C + slot[n, e, t]], over the experts that took t.
 
     rows (E, N*C, D), weight (N, E, T) -> (N, T, D) in rows' dtype, summed in fp32 (or wider).
+
+    One reduction over the expert axis, which torch.compile fuses with its indirect loads. Its partitioner
+    then saves the (N, T, D) result for the backward (the gate's gradient needs it) instead of recomputing
+    it there, by its rule that an op whose output is over 4x smaller than its inputs is kept (so for E > 4).
+    A loop of E adds was recomputed inside a reduction over the tokens, at 0.16-0.35 ms per XL layer.
+    Outside torch.compile the (N, E, T, D) products are materialised for a moment.
     """
     n, e, _ = placement.slot.shape
     c = placement.capacity
     wide = accumulation_dtype(rows)
     row = torch.arange(n, device=rows.device)[:, None, None] * c + placement.slot.clamp(max=c - 1)  # (N, E, T)
     weight = torch.where(placement.taken(), weight.to(wide), 0.0)  # (N, E, T); an untaken slot reads a row, adds 0
-    total = None
-    for expert in range(e):
-        term = rows[expert][row[:, expert]].to(wide) * weight[:, expert, :, None]  # (N, T, D)
-        total = term if total is None else total + term
-    return total.to(rows.dtype)
+    picked = rows[torch.arange(e, device=rows.device)[None, :, None], row]  # (N, E, T, D)
+    return (picked.to(wide) * weight[..., None]).sum(dim=1).to(rows.dtype)
 
 
 def dispatch(x: torch.Tensor, placement: Placement) -> torch.Tensor:
