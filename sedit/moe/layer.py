@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sedit.moe.dispatch import combine, dispatch, place
+from sedit.moe.dispatch import combine, dispatch
 from sedit.moe.experts import GroupedExperts
 from sedit.moe.routing import ExpertChoiceRouter, Routing
 
@@ -30,7 +30,6 @@ class ExpertChoiceMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.router(x)  # gates/index (N, E, C)
         self.last_routing = Routing(*(t.detach() for t in routing))  # statistics only: no autograd graph kept
-        placement = place(routing.token_index, x.shape[1])  # index (N, E, C) and its inverse, slots (N, E, T)
-        tokens = dispatch(x, placement)  # (E, N*C, D)
+        tokens = dispatch(x, routing.token_index)  # (E, N*C, D)
         out = self.run_experts(tokens)  # (E, N*C, D)
-        return combine(out, routing.gates, placement)  # (N, T, D)
+        return combine(out, routing.gates, routing.token_index, x.shape[1])  # (N, T, D)
