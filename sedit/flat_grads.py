@@ -91,13 +91,15 @@ class FlatGradients:
 
 
 def clip_in_place(grads: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
-    """g <- g * min(1, c / (||g|| + eps)) for the gradients whose joint norm is ``norm``."""
-    torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0))
+    """g <- g * min(1, c / (||g|| + eps)) for the gradients (on one device) whose joint norm is ``norm``."""
+    if grads:
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0))
 
 
 def clipped_step(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """One optimizer step on ``grads`` (the gradients of the optimizer's parameters) clipped to ``max_norm``
-    in their joint L2 norm, as ``clip_grad_norm_`` then ``step``. Returns the norm before clipping, on device.
+    """One optimizer step on ``grads`` (the gradients of the optimizer's parameters, on one device) clipped
+    to ``max_norm`` in their joint L2 norm, as ``clip_grad_norm_`` then ``step``. Returns the norm before
+    clipping, on device.
 
     A fused optimizer (``fused=True`` AdamW, Adam, SGD) divides every gradient by its ``grad_scale`` as it
     reads it; that is how GradScaler unscales. Clipping then rides on that division,

@@ -78,8 +78,9 @@ def test_step_clips_steps_and_zeroes_like_clip_grad_norm_then_adamw(monkeypatch,
     assert len(explicit_clips) == (0 if fused else 3)  # fused: the factor rides on the kernel's grad_scale
 
 
+@pytest.mark.parametrize("max_norm", [1e-2, 1e3])  # clipping acts / leaves the gradient alone
 @pytest.mark.parametrize("fused", [True, False])
-def test_clipped_step_on_separate_gradients_is_clip_grad_norm_then_step(fused):
+def test_clipped_step_on_separate_gradients_is_clip_grad_norm_then_step(fused, max_norm):
     """The single-GPU bench's step: per-parameter gradients (no flat buffer), the same clipping."""
     model, twin = mlp(), mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
@@ -88,17 +89,25 @@ def test_clipped_step_on_separate_gradients_is_clip_grad_norm_then_step(fused):
         x = torch.randn(4, 6)
         model(x).square().sum().backward()
         twin(x).square().sum().backward()
-        norm = flat_grads.clipped_step(opt, [p.grad for p in model.parameters()], 1e-2)
-        ref = torch.nn.utils.clip_grad_norm_(twin.parameters(), 1e-2)
+        norm = flat_grads.clipped_step(opt, [p.grad for p in model.parameters()], max_norm)
+        ref = torch.nn.utils.clip_grad_norm_(twin.parameters(), max_norm)
         reference.step()
         torch.testing.assert_close(norm, ref)
-        assert ref > 1e-2  # the clipping was active
+        assert (ref > max_norm) == (max_norm < 1)  # clipping active only with the small bound
         for p, q in zip(model.parameters(), twin.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad)  # left clipped, as clip_grad_norm_ leaves them
         opt.zero_grad()
         reference.zero_grad()
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_clipped_step_without_gradients_steps_nothing():
+    param = torch.nn.Parameter(torch.ones(3))
+    for fused in (True, False):
+        opt = torch.optim.AdamW([param], lr=0.1, fused=fused)
+        assert flat_grads.clipped_step(opt, [], 1.0).item() == 0.0
+        assert torch.equal(param, torch.ones(3))
 
 
 def test_a_non_finite_gradient_is_skipped_by_the_fused_step():
